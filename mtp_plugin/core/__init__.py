@@ -1,0 +1,44 @@
+"""Framework-free MTP math: modules, targets, multi-depth loss, chunked linear+CE, λ schedules.
+
+Nothing here imports Megatron, DeepSpeed or Hydra.
+"""
+
+from mtp_plugin.core.cross_entropy import CrossEntropyStats, linear_cross_entropy, linear_cross_entropy_plain
+from mtp_plugin.core.loss import MTPLossOutput, default_depth_weights, multi_token_loss
+from mtp_plugin.core.module import MTPDepth, MTPStack, rms_norm_factory
+from mtp_plugin.core.schedules import (
+    ConstantLambda,
+    CosineLambda,
+    LambdaSchedule,
+    LinearLambda,
+    PiecewiseLambda,
+    deepseek_v3_lambda,
+    schedule_from_state_dict,
+    schedule_state_dict,
+)
+from mtp_plugin.core.targets import DepthTargets, all_depth_targets, depth_targets, eod_valid_mask, shift_left
+
+__all__ = [
+    "ConstantLambda",
+    "CosineLambda",
+    "CrossEntropyStats",
+    "DepthTargets",
+    "LambdaSchedule",
+    "LinearLambda",
+    "MTPDepth",
+    "MTPLossOutput",
+    "MTPStack",
+    "PiecewiseLambda",
+    "all_depth_targets",
+    "deepseek_v3_lambda",
+    "default_depth_weights",
+    "depth_targets",
+    "eod_valid_mask",
+    "linear_cross_entropy",
+    "linear_cross_entropy_plain",
+    "multi_token_loss",
+    "rms_norm_factory",
+    "schedule_from_state_dict",
+    "schedule_state_dict",
+    "shift_left",
+]

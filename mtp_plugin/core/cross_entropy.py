@@ -1,0 +1,158 @@
+"""Linear + cross-entropy over an output head, plain and chunked.
+
+Megatron's native MTP materialises every depth's full [tokens x vocab] logits and keeps them alive until
+backward (+4 GiB per depth at a 50k vocabulary on the DESIGN.md §6 benchmark shape). The chunked path
+here never holds more than one [chunk x vocab] block: while it runs the forward it also computes the
+gradients of the summed loss with respect to the hidden states and the head weight, so backward is a
+scalar multiply. This is the "fused linear cross-entropy" trick (as in Liger-Kernel / Apple's CCE), written
+for a possibly vocab-parallel head: with `tp_group` the head weight is this rank's vocabulary shard
+starting at `vocab_start`, and max / sum-exp / target-logit are all-reduced over the group (the way
+Megatron's `vocab_parallel_cross_entropy` does it). The caller is responsible for the input-side
+communication of a tensor-parallel head (Megatron's copy-to / gather-from-sequence-parallel region),
+whose backward all-reduces the hidden-state gradient.
+
+Shapes: n = tokens (any leading dims flattened), h = hidden, v = this rank's vocabulary (shard).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class CrossEntropyStats:
+    """Summed CE (differentiable), number of valid targets and of top-1 hits among them."""
+
+    loss_sum: torch.Tensor
+    num_tokens: torch.Tensor
+    num_correct: torch.Tensor
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Reductions over the vocabulary run in at least fp32 (bf16 logsumexp over 50k entries is too coarse).
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def _flatten(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
+    if hidden.shape[:-1] != targets.shape or targets.shape != mask.shape:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} must be targets.shape + (hidden,), targets {tuple(targets.shape)} "
+            f"and mask {tuple(mask.shape)} must match; transpose labels to the hidden states' layout"
+        )
+    return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), mask.reshape(-1).bool()
+
+
+def linear_cross_entropy_plain(
+    hidden: torch.Tensor,
+    weight_vh: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    vocab_start: int = 0,
+    tp_group=None,
+) -> CrossEntropyStats:
+    """Reference path: full logits, autograd through everything."""
+    h_nh, t_n, m_n = _flatten(hidden, targets, mask)
+    logits_nv = torch.nn.functional.linear(h_nh, weight_vh).to(_compute_dtype(h_nh.dtype))
+    local_t_n = t_n - vocab_start
+    in_shard_n = (local_t_n >= 0) & (local_t_n < weight_vh.shape[0])
+    if tp_group is None:
+        lse_n = torch.logsumexp(logits_nv, dim=-1)
+        target_logit_n = logits_nv.gather(1, local_t_n.clamp(0, logits_nv.shape[1] - 1)[:, None])[:, 0]
+        max_n = logits_nv.max(dim=-1).values
+    else:
+        from torch.distributed.nn.functional import all_reduce as ar_autograd
+
+        max_n = _all_reduce(logits_nv.detach().max(dim=-1).values, dist.ReduceOp.MAX, tp_group)
+        sumexp_n = ar_autograd(torch.exp(logits_nv - max_n[:, None]).sum(-1), group=tp_group)
+        lse_n = torch.log(sumexp_n) + max_n
+        picked_n = logits_nv.gather(1, local_t_n.clamp(0, logits_nv.shape[1] - 1)[:, None])[:, 0]
+        target_logit_n = ar_autograd(picked_n * in_shard_n, group=tp_group)
+    loss_n = (lse_n - target_logit_n) * m_n
+    correct_n = (target_logit_n.detach() >= max_n.detach()) & m_n
+    return CrossEntropyStats(loss_n.sum(), m_n.sum(), correct_n.sum())
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_nh, weight_vh, t_n, m_n, chunk_tokens, vocab_start, tp_group):
+        cdtype = _compute_dtype(h_nh.dtype)
+        num_vocab_local = weight_vh.shape[0]
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        w_vh = weight_vh.to(cdtype)
+        grad_h_nh = torch.empty_like(h_nh) if ctx.needs_input_grad[0] else None
+        grad_w_vh = torch.zeros_like(w_vh) if ctx.needs_input_grad[1] else None
+        loss_sum = torch.zeros((), dtype=cdtype, device=h_nh.device)
+        num_correct = torch.zeros((), dtype=torch.long, device=h_nh.device)
+        for start in range(0, h_nh.shape[0], chunk_tokens):
+            stop = min(start + chunk_tokens, h_nh.shape[0])
+            h_ch = h_nh[start:stop].to(cdtype)
+            logits_cv = h_ch @ w_vh.t()
+            max_c = _all_reduce(logits_cv.max(dim=-1).values, dist.ReduceOp.MAX, tp_group)
+            exp_cv = torch.exp(logits_cv - max_c[:, None])
+            sumexp_c = _all_reduce(exp_cv.sum(-1), dist.ReduceOp.SUM, tp_group)
+            local_t_c = t_n[start:stop] - vocab_start
+            in_shard_c = (local_t_c >= 0) & (local_t_c < num_vocab_local)
+            safe_t_c = local_t_c.clamp(0, num_vocab_local - 1)
+            target_logit_c = logits_cv.gather(1, safe_t_c[:, None])[:, 0] * in_shard_c
+            target_logit_c = _all_reduce(target_logit_c, dist.ReduceOp.SUM, tp_group)
+            mask_c = m_n[start:stop]
+            loss_sum += ((torch.log(sumexp_c) + max_c - target_logit_c) * mask_c).sum()
+            num_correct += ((target_logit_c >= max_c) & mask_c).sum()
+            if needs_grad:
+                # d(sum CE)/d logits = softmax - onehot(target), zero on masked rows; reuse exp_cv in place.
+                dlogits_cv = exp_cv.div_(sumexp_c[:, None])
+                rows = torch.nonzero(in_shard_c, as_tuple=True)[0]
+                dlogits_cv[rows, safe_t_c[rows]] -= 1.0
+                dlogits_cv.mul_(mask_c[:, None])
+                if grad_h_nh is not None:
+                    grad_h_nh[start:stop] = (dlogits_cv @ w_vh).to(h_nh.dtype)
+                if grad_w_vh is not None:
+                    grad_w_vh.addmm_(dlogits_cv.t(), h_ch)
+        ctx.save_for_backward(grad_h_nh, grad_w_vh)
+        ctx.has_grads = (grad_h_nh is not None, grad_w_vh is not None)
+        ctx.weight_dtype = weight_vh.dtype
+        num_tokens = m_n.sum()
+        ctx.mark_non_differentiable(num_tokens, num_correct)
+        return loss_sum, num_tokens, num_correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_num_tokens, _grad_num_correct):
+        grad_h_nh, grad_w_vh = ctx.saved_tensors
+        has_h, has_w = ctx.has_grads
+        grad_h = grad_h_nh * grad_loss.to(grad_h_nh.dtype) if has_h else None
+        grad_w = (grad_w_vh * grad_loss).to(ctx.weight_dtype) if has_w else None
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight_vh: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    chunk_tokens: int = 0,
+    vocab_start: int = 0,
+    tp_group=None,
+) -> CrossEntropyStats:
+    """Σ CE(hidden @ weightᵀ, targets) over valid targets; `chunk_tokens > 0` takes the chunked path."""
+    if chunk_tokens < 0:
+        raise ValueError(f"chunk_tokens must be >= 0 (0 = plain path), got {chunk_tokens}")
+    if chunk_tokens == 0:
+        return linear_cross_entropy_plain(
+            hidden, weight_vh, targets, mask, vocab_start=vocab_start, tp_group=tp_group
+        )
+    h_nh, t_n, m_n = _flatten(hidden, targets, mask)
+    loss_sum, num_tokens, num_correct = _ChunkedLinearCrossEntropy.apply(
+        h_nh, weight_vh, t_n, m_n, chunk_tokens, vocab_start, tp_group
+    )
+    return CrossEntropyStats(loss_sum, num_tokens, num_correct)

@@ -1,0 +1,107 @@
+"""The multi-depth MTP loss: total = L_main + λ · Σ_k w_k · L_k (DeepSeek-V3 §2.2, eq. 24-25).
+
+Everything is returned in a value object the caller owns (`MTPLossOutput`); nothing is kept in module or
+class state, so two models with different depths can train in one process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mtp_plugin.core.cross_entropy import linear_cross_entropy
+
+
+@dataclass(frozen=True)
+class MTPLossOutput:
+    """One micro-batch's MTP loss and the per-depth statistics behind it.
+
+    `total` and `mtp_loss` carry gradients. The per-depth tensors are detached sums and counts so that a
+    logger can reduce them token-weighted across micro-batches and data-parallel ranks.
+    """
+
+    total: torch.Tensor
+    mtp_loss: torch.Tensor
+    lam: float
+    depth_loss_sums: tuple[torch.Tensor, ...]
+    depth_num_tokens: tuple[torch.Tensor, ...]
+    depth_num_correct: tuple[torch.Tensor, ...]
+
+    @property
+    def num_depths(self) -> int:
+        return len(self.depth_loss_sums)
+
+    @property
+    def depth_losses(self) -> tuple[torch.Tensor, ...]:
+        """Mean CE of each depth over its valid targets (nats)."""
+        return tuple(s / n.clamp(min=1) for s, n in zip(self.depth_loss_sums, self.depth_num_tokens))
+
+    @property
+    def depth_acceptance(self) -> tuple[torch.Tensor, ...]:
+        """Fraction of depth k's valid targets that its top-1 prediction gets right."""
+        return tuple(c / n.clamp(min=1) for c, n in zip(self.depth_num_correct, self.depth_num_tokens))
+
+
+def default_depth_weights(num_depths: int) -> tuple[float, ...]:
+    return (1.0 / num_depths,) * num_depths
+
+
+def multi_token_loss(
+    *,
+    main_loss: torch.Tensor,
+    depth_hidden: Sequence[torch.Tensor],
+    head_weight: torch.Tensor,
+    depth_labels: Sequence[torch.Tensor],
+    depth_masks: Sequence[torch.Tensor],
+    lam: float,
+    depth_weights: Sequence[float] | None = None,
+    chunk_tokens: int = 0,
+    per_token_sum: bool = False,
+    vocab_start: int = 0,
+    tp_group=None,
+) -> MTPLossOutput:
+    """Combine the main loss with D MTP depths scored by the shared output head.
+
+    depth_hidden[k-1]: depth k's hidden states after its final norm, [..., h]; depth_labels / depth_masks in
+    the same leading layout (see `targets.depth_targets`). With `per_token_sum` the depth terms are sums
+    over tokens (Megatron's `calculate_per_token_loss` mode: the caller divides by the global token count);
+    otherwise each depth contributes its mean over its own valid targets.
+    """
+    num_depths = len(depth_hidden)
+    if not num_depths == len(depth_labels) == len(depth_masks):
+        raise ValueError(
+            f"got {num_depths} depth hidden states, {len(depth_labels)} label tensors and {len(depth_masks)} masks"
+        )
+    weights = tuple(depth_weights) if depth_weights is not None else default_depth_weights(num_depths)
+    if len(weights) != num_depths:
+        raise ValueError(f"depth_weights has {len(weights)} entries for {num_depths} depths")
+    loss_sums, num_tokens, num_correct = [], [], []
+    mtp_loss = torch.zeros(
+        (), dtype=torch.promote_types(main_loss.dtype, torch.float32), device=main_loss.device
+    )
+    for hidden, labels, mask, weight in zip(depth_hidden, depth_labels, depth_masks, weights):
+        stats = linear_cross_entropy(
+            hidden,
+            head_weight,
+            labels,
+            mask,
+            chunk_tokens=chunk_tokens,
+            vocab_start=vocab_start,
+            tp_group=tp_group,
+        )
+        term = stats.loss_sum if per_token_sum else stats.loss_sum / stats.num_tokens.clamp(min=1)
+        mtp_loss = mtp_loss + weight * term
+        loss_sums.append(stats.loss_sum.detach())
+        num_tokens.append(stats.num_tokens.detach())
+        num_correct.append(stats.num_correct.detach())
+    mtp_loss = lam * mtp_loss
+    return MTPLossOutput(
+        total=main_loss + mtp_loss,
+        mtp_loss=mtp_loss,
+        lam=float(lam),
+        depth_loss_sums=tuple(loss_sums),
+        depth_num_tokens=tuple(num_tokens),
+        depth_num_correct=tuple(num_correct),
+    )

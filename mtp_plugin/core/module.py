@@ -1,0 +1,107 @@
+"""The MTP module and stack (DESIGN.md §2; DeepSeek-V3 §2.2, Fig. 3).
+
+    h'_i^k = eh_proj( concat( enorm(Emb(t_{i+k})), hnorm(h_i^{k-1}) ) )    # embedding FIRST
+    h^k    = final_norm_k( TRM_k(h'^k) )
+
+Names (enorm, hnorm, eh_proj, final norm) follow Megatron-Core and the Hugging Face DeepSeek-V3 checkpoint
+(`model.layers.{L+k-1}.enorm|hnorm|eh_proj|shared_head.norm`). As in Megatron, h^0 is the trunk output after
+the trunk's final norm, and each depth hands its own final-normed state to the next depth and the head.
+
+The transformer block and norms come from factories the adapter passes in (a Megatron ModuleSpec, a
+DeepSpeed layer, a plain torch block), and the embedding and output head are the trunk's own, passed in
+at call time, never owned or copied by this module: a shared weight cannot drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from mtp_plugin.core.targets import shift_left
+
+BlockFactory = Callable[[int], nn.Module]  # depth (1-based) -> causal transformer block
+NormFactory = Callable[[int], nn.Module]  # hidden size -> norm module
+
+
+def rms_norm_factory(eps: float = 1e-6) -> NormFactory:
+    return lambda hidden_size: nn.RMSNorm(hidden_size, eps=eps)
+
+
+class MTPDepth(nn.Module):
+    """One MTP module: projection of [emb; hidden] and a causal transformer block."""
+
+    def __init__(
+        self,
+        *,
+        depth: int,
+        hidden_size: int,
+        block: nn.Module,
+        norm_factory: NormFactory,
+        init_method: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.depth = depth
+        self.enorm = norm_factory(hidden_size)
+        self.hnorm = norm_factory(hidden_size)
+        self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        if init_method is not None:
+            init_method(self.eh_proj.weight)
+        self.block = block
+        self.final_norm = norm_factory(hidden_size)
+
+    def forward(self, hidden_prev: torch.Tensor, emb_next: torch.Tensor, **block_kwargs) -> torch.Tensor:
+        """hidden_prev: h^{k-1}; emb_next: Emb(t_{i+k}) in the same layout. Returns final_norm(h^k)."""
+        # Embedding first, as Megatron's MultiTokenPredictionLayer and the HF checkpoint order eh_proj's input.
+        x = torch.cat([self.enorm(emb_next), self.hnorm(hidden_prev)], dim=-1)
+        return self.final_norm(self.block(self.eh_proj(x), **block_kwargs))
+
+
+class MTPStack(nn.Module):
+    """D sequential MTP depths; depth k consumes h^{k-1} and Emb(t_{i+k})."""
+
+    def __init__(
+        self,
+        *,
+        num_depths: int,
+        hidden_size: int,
+        block_factory: BlockFactory,
+        norm_factory: NormFactory | None = None,
+        init_method: Callable[[torch.Tensor], None] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_depths < 1:
+            raise ValueError(f"num_depths must be >= 1, got {num_depths}")
+        norm_factory = norm_factory or rms_norm_factory()
+        self.depths = nn.ModuleList(
+            MTPDepth(
+                depth=k,
+                hidden_size=hidden_size,
+                block=block_factory(k),
+                norm_factory=norm_factory,
+                init_method=init_method,
+            )
+            for k in range(1, num_depths + 1)
+        )
+
+    @property
+    def num_depths(self) -> int:
+        return len(self.depths)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        input_ids_bs: torch.Tensor,
+        embed: Callable[[torch.Tensor], torch.Tensor],
+        **block_kwargs,
+    ) -> list[torch.Tensor]:
+        """Returns [h^1, ..., h^D] (each after its final norm), in `hidden`'s layout.
+
+        `embed` maps [b, s] ids to embeddings in the layout of `hidden` (the trunk's shared embedding).
+        """
+        outputs = []
+        for k, depth in enumerate(self.depths, start=1):
+            hidden = depth(hidden, embed(shift_left(input_ids_bs, k)), **block_kwargs)
+            outputs.append(hidden)
+        return outputs

@@ -1,0 +1,208 @@
+"""The multi-depth loss against an independent naive computation (explicit loops, float64)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mtp_plugin.core import (
+    MTPStack,
+    all_depth_targets,
+    linear_cross_entropy,
+    linear_cross_entropy_plain,
+    multi_token_loss,
+)
+
+B, S, H, V = 2, 7, 8, 11
+
+
+def _rms(x, weight, eps=1e-6):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+class _Model(nn.Module):
+    """Trunk stand-in + MTP stack with per-position linear blocks (causality does not matter for the loss)."""
+
+    def __init__(self, num_depths):
+        super().__init__()
+        self.emb = nn.Embedding(V, H)
+        self.trunk = nn.Linear(H, H)
+        self.head = nn.Linear(H, V, bias=False)
+        self.stack = MTPStack(num_depths=num_depths, hidden_size=H, block_factory=lambda k: nn.Linear(H, H))
+        for p in self.stack.parameters():  # non-trivial norm weights so that enorm/hnorm order matters
+            nn.init.normal_(p, mean=0.5, std=0.3)
+
+    def hidden(self, ids):
+        h0 = torch.tanh(self.trunk(self.emb(ids)))
+        return h0, self.stack(h0, ids, self.emb)
+
+
+def _naive(model, ids, labels, mask, lam, weights):
+    """Explicit loops over depths and positions; recomputes every MTP module by hand."""
+    h_prev = torch.tanh(model.trunk(model.emb(ids)))
+
+    def ce(vec, target):
+        logits = model.head.weight @ vec
+        return torch.logsumexp(logits, 0) - logits[target]
+
+    main_sum, main_n = 0.0, 0
+    for b in range(B):
+        for i in range(S):
+            if mask[b, i]:
+                main_sum = main_sum + ce(h_prev[b, i], labels[b, i])
+                main_n += 1
+    total = main_sum / main_n
+    depth_means = []
+    for k, depth in enumerate(model.stack.depths, start=1):
+        h_new = torch.zeros_like(h_prev)
+        rows = []
+        for b in range(B):
+            for i in range(S):
+                tok = ids[b, i + k] if i + k < S else 0
+                x = torch.cat(
+                    [_rms(model.emb.weight[tok], depth.enorm.weight), _rms(h_prev[b, i], depth.hnorm.weight)]
+                )
+                y = depth.block(depth.eh_proj.weight @ x)
+                rows.append(_rms(y, depth.final_norm.weight))
+        h_new = torch.stack(rows).reshape(B, S, H)
+        s, n = 0.0, 0
+        for b in range(B):
+            for i in range(S):
+                if i + k < S and mask[b, i + k]:
+                    s = s + ce(h_new[b, i], labels[b, i + k])
+                    n += 1
+        depth_means.append(s / n)
+        total = total + lam * weights[k - 1] * s / n
+        h_prev = h_new
+    return total, depth_means
+
+
+@pytest.mark.parametrize("num_depths", [1, 2, 3])
+@pytest.mark.parametrize("chunk_tokens", [0, 3])
+def test_loss_and_grads_match_naive(num_depths, chunk_tokens):
+    torch.manual_seed(num_depths)
+    model = _Model(num_depths).double()
+    ids = torch.randint(0, V, (B, S))
+    labels = torch.randint(0, V, (B, S))
+    mask = torch.rand(B, S) > 0.2
+    mask[:, 0] = True
+    lam, weights = 0.3, [1.0 / num_depths] * num_depths if num_depths != 3 else [0.5, 0.3, 0.2]
+
+    h0, depth_hidden = model.hidden(ids)
+    main = linear_cross_entropy(h0, model.head.weight, labels, mask)
+    targets = all_depth_targets(ids, labels, mask, num_depths)
+    out = multi_token_loss(
+        main_loss=main.loss_sum / main.num_tokens,
+        depth_hidden=depth_hidden,
+        head_weight=model.head.weight,
+        depth_labels=[t.labels_bs for t in targets],
+        depth_masks=[t.loss_mask_bs for t in targets],
+        lam=lam,
+        depth_weights=weights,
+        chunk_tokens=chunk_tokens,
+    )
+    out.total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    ref_total, ref_depth = _naive(model, ids, labels, mask, lam, weights)
+    ref_total.backward()
+    torch.testing.assert_close(out.total, ref_total, rtol=0, atol=1e-6)
+    for k in range(num_depths):
+        torch.testing.assert_close(out.depth_losses[k], ref_depth[k].detach(), rtol=0, atol=1e-6)
+        assert out.depth_num_tokens[k].item() == int(mask[:, k + 1 :].sum())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-6, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 7, 16, 1000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunked_equals_plain(chunk_tokens, dtype):
+    torch.manual_seed(chunk_tokens)
+    n, h, v = 16, 12, 37  # 16 tokens: chunk sizes 5 and 7 leave a ragged last chunk
+    hidden = torch.randn(n, h, dtype=dtype, requires_grad=True)
+    weight = torch.randn(v, h, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    mask = torch.rand(n) > 0.3
+    plain = linear_cross_entropy_plain(hidden, weight, targets, mask)
+    (2.5 * plain.loss_sum).backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    chunked = linear_cross_entropy(hidden, weight, targets, mask, chunk_tokens=chunk_tokens)
+    (2.5 * chunked.loss_sum).backward()
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(chunked.loss_sum, plain.loss_sum, **tol)
+    torch.testing.assert_close(hidden.grad, g_h, **tol)
+    torch.testing.assert_close(weight.grad, g_w, **tol)
+    assert chunked.num_tokens.item() == plain.num_tokens.item() == int(mask.sum())
+    assert chunked.num_correct.item() == plain.num_correct.item()
+
+
+def test_acceptance_counts_top1_hits():
+    weight = torch.eye(4)
+    hidden = torch.tensor([[5.0, 0, 0, 0], [0, 5.0, 0, 0], [0, 0, 5.0, 0]])
+    targets = torch.tensor([0, 2, 2])  # right, wrong, right
+    mask = torch.tensor([True, True, True])
+    for chunk in (0, 2):
+        stats = linear_cross_entropy(hidden, weight, targets, mask, chunk_tokens=chunk)
+        assert stats.num_correct.item() == 2
+        expected = 2 * (math.log(math.exp(5) + 3) - 5) + (math.log(math.exp(5) + 3) - 0)
+        assert stats.loss_sum.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_per_token_sum_mode_and_lambda_zero():
+    torch.manual_seed(0)
+    hidden = [torch.randn(2, 5, 4, requires_grad=True)]
+    weight = torch.randn(9, 4)
+    labels = [torch.randint(0, 9, (2, 5))]
+    masks = [torch.ones(2, 5, dtype=torch.bool)]
+    main = torch.tensor(1.25)
+    summed = multi_token_loss(
+        main_loss=main,
+        depth_hidden=hidden,
+        head_weight=weight,
+        depth_labels=labels,
+        depth_masks=masks,
+        lam=0.5,
+        per_token_sum=True,
+    )
+    mean = multi_token_loss(
+        main_loss=main,
+        depth_hidden=hidden,
+        head_weight=weight,
+        depth_labels=labels,
+        depth_masks=masks,
+        lam=0.5,
+    )
+    torch.testing.assert_close(summed.mtp_loss, mean.mtp_loss * 10)
+    zero = multi_token_loss(
+        main_loss=main,
+        depth_hidden=hidden,
+        head_weight=weight,
+        depth_labels=labels,
+        depth_masks=masks,
+        lam=0.0,
+    )
+    assert zero.total.item() == 1.25 and zero.depth_losses[0].item() > 0
+
+
+def test_chunked_path_never_builds_full_logits():
+    """The chunked forward must not allocate a [tokens x vocab] tensor (the point of the path)."""
+    n, h, v, chunk = 64, 8, 512, 8
+    hidden = torch.randn(n, h, requires_grad=True)
+    weight = torch.randn(v, h, requires_grad=True)
+    biggest = []
+
+    class _Watch(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[-1] == v:
+                biggest.append(out.shape[0])
+            return out
+
+    with _Watch():
+        linear_cross_entropy(
+            hidden, weight, torch.randint(0, v, (n,)), torch.ones(n, dtype=torch.bool), chunk_tokens=chunk
+        )
+    assert biggest and max(biggest) == chunk
