@@ -4,8 +4,8 @@ Nothing here imports Megatron, DeepSpeed or Hydra.
 """
 
 from mtp_plugin.core.cross_entropy import CrossEntropyStats, linear_cross_entropy, linear_cross_entropy_plain
-from mtp_plugin.core.loss import MTPLossOutput, default_depth_weights, multi_token_loss
-from mtp_plugin.core.module import MTPDepth, MTPStack, rms_norm_factory
+from mtp_plugin.core.loss import MTPLossOutput, default_depth_weights, multi_token_loss, weighted_depth_loss
+from mtp_plugin.core.module import MTPDepth, MTPStack, build_mtp_stack, rms_norm_factory
 from mtp_plugin.core.schedules import (
     ConstantLambda,
     CosineLambda,
@@ -30,6 +30,7 @@ __all__ = [
     "MTPStack",
     "PiecewiseLambda",
     "all_depth_targets",
+    "build_mtp_stack",
     "deepseek_v3_lambda",
     "default_depth_weights",
     "depth_targets",
@@ -41,4 +42,5 @@ __all__ = [
     "schedule_from_state_dict",
     "schedule_state_dict",
     "shift_left",
+    "weighted_depth_loss",
 ]

@@ -42,6 +42,24 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     return t
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the tensor-parallel group; backward passes the gradient through unchanged.
+
+    Every rank of the group computes the same loss from the reduced value, so each rank's partial sum
+    receives the same upstream gradient (torch.distributed.nn's all_reduce would sum those copies).
+    """
+
+    @staticmethod
+    def forward(ctx, t, group):
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
 def _flatten(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
     if hidden.shape[:-1] != targets.shape or targets.shape != mask.shape:
         raise ValueError(
@@ -70,13 +88,11 @@ def linear_cross_entropy_plain(
         target_logit_n = logits_nv.gather(1, local_t_n.clamp(0, logits_nv.shape[1] - 1)[:, None])[:, 0]
         max_n = logits_nv.max(dim=-1).values
     else:
-        from torch.distributed.nn.functional import all_reduce as ar_autograd
-
         max_n = _all_reduce(logits_nv.detach().max(dim=-1).values, dist.ReduceOp.MAX, tp_group)
-        sumexp_n = ar_autograd(torch.exp(logits_nv - max_n[:, None]).sum(-1), group=tp_group)
+        sumexp_n = _AllReduceSum.apply(torch.exp(logits_nv - max_n[:, None]).sum(-1), tp_group)
         lse_n = torch.log(sumexp_n) + max_n
         picked_n = logits_nv.gather(1, local_t_n.clamp(0, logits_nv.shape[1] - 1)[:, None])[:, 0]
-        target_logit_n = ar_autograd(picked_n * in_shard_n, group=tp_group)
+        target_logit_n = _AllReduceSum.apply(picked_n * in_shard_n, tp_group)
     loss_n = (lse_n - target_logit_n) * m_n
     correct_n = (target_logit_n.detach() >= max_n.detach()) & m_n
     return CrossEntropyStats(loss_n.sum(), m_n.sum(), correct_n.sum())

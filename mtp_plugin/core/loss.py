@@ -48,6 +48,21 @@ def default_depth_weights(num_depths: int) -> tuple[float, ...]:
     return (1.0 / num_depths,) * num_depths
 
 
+def weighted_depth_loss(
+    *,
+    depth_loss_sums: Sequence[torch.Tensor],
+    depth_num_tokens: Sequence[torch.Tensor],
+    lam: float,
+    depth_weights: Sequence[float],
+    per_token_sum: bool = False,
+) -> torch.Tensor:
+    """λ · Σ_k w_k · L_k, with L_k the mean over depth k's valid targets (or the sum, in per-token mode)."""
+    total = torch.zeros((), dtype=torch.float32, device=depth_loss_sums[0].device)
+    for loss_sum, num_tokens, weight in zip(depth_loss_sums, depth_num_tokens, depth_weights):
+        total = total + weight * (loss_sum if per_token_sum else loss_sum / num_tokens.clamp(min=1))
+    return lam * total
+
+
 def multi_token_loss(
     *,
     main_loss: torch.Tensor,
@@ -77,26 +92,22 @@ def multi_token_loss(
     weights = tuple(depth_weights) if depth_weights is not None else default_depth_weights(num_depths)
     if len(weights) != num_depths:
         raise ValueError(f"depth_weights has {len(weights)} entries for {num_depths} depths")
-    loss_sums, num_tokens, num_correct = [], [], []
-    mtp_loss = torch.zeros(
-        (), dtype=torch.promote_types(main_loss.dtype, torch.float32), device=main_loss.device
-    )
-    for hidden, labels, mask, weight in zip(depth_hidden, depth_labels, depth_masks, weights):
-        stats = linear_cross_entropy(
-            hidden,
-            head_weight,
-            labels,
-            mask,
-            chunk_tokens=chunk_tokens,
-            vocab_start=vocab_start,
-            tp_group=tp_group,
+    stats = [
+        linear_cross_entropy(
+            hidden, head_weight, labels, mask, chunk_tokens=chunk_tokens, vocab_start=vocab_start, tp_group=tp_group
         )
-        term = stats.loss_sum if per_token_sum else stats.loss_sum / stats.num_tokens.clamp(min=1)
-        mtp_loss = mtp_loss + weight * term
-        loss_sums.append(stats.loss_sum.detach())
-        num_tokens.append(stats.num_tokens.detach())
-        num_correct.append(stats.num_correct.detach())
-    mtp_loss = lam * mtp_loss
+        for hidden, labels, mask in zip(depth_hidden, depth_labels, depth_masks)
+    ]
+    mtp_loss = weighted_depth_loss(
+        depth_loss_sums=[s.loss_sum for s in stats],
+        depth_num_tokens=[s.num_tokens for s in stats],
+        lam=lam,
+        depth_weights=weights,
+        per_token_sum=per_token_sum,
+    )
+    loss_sums = [s.loss_sum.detach() for s in stats]
+    num_tokens = [s.num_tokens.detach() for s in stats]
+    num_correct = [s.num_correct.detach() for s in stats]
     return MTPLossOutput(
         total=main_loss + mtp_loss,
         mtp_loss=mtp_loss,

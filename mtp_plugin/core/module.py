@@ -30,26 +30,28 @@ def rms_norm_factory(eps: float = 1e-6) -> NormFactory:
 
 
 class MTPDepth(nn.Module):
-    """One MTP module: projection of [emb; hidden] and a causal transformer block."""
+    """One MTP module: enorm/hnorm, projection of [emb; hidden] 2h -> h, a causal block, a final norm.
+
+    The parts are passed in so that an adapter can use its framework's own modules (a Megatron
+    ColumnParallelLinear, a TransformerLayer built from the model's ModuleSpec); `eh_proj` and `block`
+    must map a tensor to a tensor.
+    """
 
     def __init__(
         self,
         *,
-        depth: int,
-        hidden_size: int,
+        enorm: nn.Module,
+        hnorm: nn.Module,
+        eh_proj: nn.Module,
         block: nn.Module,
-        norm_factory: NormFactory,
-        init_method: Callable[[torch.Tensor], None] | None = None,
+        final_norm: nn.Module,
     ) -> None:
         super().__init__()
-        self.depth = depth
-        self.enorm = norm_factory(hidden_size)
-        self.hnorm = norm_factory(hidden_size)
-        self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
-        if init_method is not None:
-            init_method(self.eh_proj.weight)
+        self.enorm = enorm
+        self.hnorm = hnorm
+        self.eh_proj = eh_proj
         self.block = block
-        self.final_norm = norm_factory(hidden_size)
+        self.final_norm = final_norm
 
     def forward(self, hidden_prev: torch.Tensor, emb_next: torch.Tensor, **block_kwargs) -> torch.Tensor:
         """hidden_prev: h^{k-1}; emb_next: Emb(t_{i+k}) in the same layout. Returns final_norm(h^k)."""
@@ -58,50 +60,55 @@ class MTPDepth(nn.Module):
         return self.final_norm(self.block(self.eh_proj(x), **block_kwargs))
 
 
+EmbedFn = Callable[[torch.Tensor, int], torch.Tensor]  # (input ids shifted by k, k) -> embeddings
+
+
 class MTPStack(nn.Module):
     """D sequential MTP depths; depth k consumes h^{k-1} and Emb(t_{i+k})."""
 
-    def __init__(
-        self,
-        *,
-        num_depths: int,
-        hidden_size: int,
-        block_factory: BlockFactory,
-        norm_factory: NormFactory | None = None,
-        init_method: Callable[[torch.Tensor], None] | None = None,
-    ) -> None:
+    def __init__(self, depths: list[MTPDepth]) -> None:
         super().__init__()
-        if num_depths < 1:
-            raise ValueError(f"num_depths must be >= 1, got {num_depths}")
-        norm_factory = norm_factory or rms_norm_factory()
-        self.depths = nn.ModuleList(
-            MTPDepth(
-                depth=k,
-                hidden_size=hidden_size,
-                block=block_factory(k),
-                norm_factory=norm_factory,
-                init_method=init_method,
-            )
-            for k in range(1, num_depths + 1)
-        )
+        if not depths:
+            raise ValueError("an MTP stack needs at least one depth (num_depths >= 1)")
+        self.depths = nn.ModuleList(depths)
 
     @property
     def num_depths(self) -> int:
         return len(self.depths)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        input_ids_bs: torch.Tensor,
-        embed: Callable[[torch.Tensor], torch.Tensor],
-        **block_kwargs,
-    ) -> list[torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, input_ids_bs: torch.Tensor, embed: EmbedFn, **block_kwargs) -> list[torch.Tensor]:
         """Returns [h^1, ..., h^D] (each after its final norm), in `hidden`'s layout.
 
-        `embed` maps [b, s] ids to embeddings in the layout of `hidden` (the trunk's shared embedding).
+        `embed(ids_bs, k)` maps the ids shifted left by k to embeddings in the layout of `hidden`, through the
+        trunk's shared embedding (k lets an adapter shift position ids the same way).
         """
         outputs = []
         for k, depth in enumerate(self.depths, start=1):
-            hidden = depth(hidden, embed(shift_left(input_ids_bs, k)), **block_kwargs)
+            hidden = depth(hidden, embed(shift_left(input_ids_bs, k), k), **block_kwargs)
             outputs.append(hidden)
         return outputs
+
+
+def build_mtp_stack(
+    *,
+    num_depths: int,
+    hidden_size: int,
+    block_factory: BlockFactory,
+    norm_factory: NormFactory | None = None,
+) -> MTPStack:
+    """An MTP stack from plain torch parts: RMSNorms and a bias-free nn.Linear projection."""
+    if num_depths < 1:
+        raise ValueError(f"num_depths must be >= 1, got {num_depths}")
+    norm_factory = norm_factory or rms_norm_factory()
+    return MTPStack(
+        [
+            MTPDepth(
+                enorm=norm_factory(hidden_size),
+                hnorm=norm_factory(hidden_size),
+                eh_proj=nn.Linear(2 * hidden_size, hidden_size, bias=False),
+                block=block_factory(k),
+                final_norm=norm_factory(hidden_size),
+            )
+            for k in range(1, num_depths + 1)
+        ]
+    )

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from mtp_plugin.core import (
-    MTPStack,
+    build_mtp_stack,
     all_depth_targets,
     linear_cross_entropy,
     linear_cross_entropy_plain,
@@ -29,13 +29,13 @@ class _Model(nn.Module):
         self.emb = nn.Embedding(V, H)
         self.trunk = nn.Linear(H, H)
         self.head = nn.Linear(H, V, bias=False)
-        self.stack = MTPStack(num_depths=num_depths, hidden_size=H, block_factory=lambda k: nn.Linear(H, H))
+        self.stack = build_mtp_stack(num_depths=num_depths, hidden_size=H, block_factory=lambda k: nn.Linear(H, H))
         for p in self.stack.parameters():  # non-trivial norm weights so that enorm/hnorm order matters
             nn.init.normal_(p, mean=0.5, std=0.3)
 
     def hidden(self, ids):
         h0 = torch.tanh(self.trunk(self.emb(ids)))
-        return h0, self.stack(h0, ids, self.emb)
+        return h0, self.stack(h0, ids, lambda shifted_ids, k: self.emb(shifted_ids))
 
 
 def _naive(model, ids, labels, mask, lam, weights):
