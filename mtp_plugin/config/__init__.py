@@ -2,5 +2,16 @@
 
 from mtp_plugin.config.model import ModelConfig
 from mtp_plugin.config.mtp import LambdaScheduleConfig, MTPConfig
+from mtp_plugin.config.parallel import ParallelConfig
+from mtp_plugin.config.training import BackendConfig, DataConfig, ExperimentConfig, TrainingConfig
 
-__all__ = ["LambdaScheduleConfig", "MTPConfig", "ModelConfig"]
+__all__ = [
+    "BackendConfig",
+    "DataConfig",
+    "ExperimentConfig",
+    "LambdaScheduleConfig",
+    "MTPConfig",
+    "ModelConfig",
+    "ParallelConfig",
+    "TrainingConfig",
+]

@@ -1,0 +1,244 @@
+"""Training run, data and backend settings, and the experiment that composes every group.
+
+`ExperimentConfig` is what `python -m mtp_plugin.train` builds from Hydra's composed YAML; its
+`__post_init__` checks the groups against each other so that a bad combination fails before any
+process group or model exists. Checks that need the launch (world size, files on disk) are methods the
+entry point calls before it initialises torch.distributed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from mtp_plugin.config.model import ModelConfig
+from mtp_plugin.config.mtp import MTPConfig
+from mtp_plugin.config.parallel import ParallelConfig
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine")
+BACKENDS = ("megatron",)  # "deepspeed" joins when its adapter lands
+
+
+@dataclass(kw_only=True)
+class TrainingConfig:
+    """Optimisation, evaluation, logging and checkpoint settings of one run (the `training/` group).
+
+    Steps are optimizer steps (iterations); one iteration consumes `global_batch_size` sequences, split
+    into micro-batches of `micro_batch_size` per data-parallel rank.
+    lr schedule: linear warmup from 0 over `lr_warmup_iters`, then `lr_decay_style` down to `min_lr` at
+      `train_iters` (Megatron's OptimizerParamScheduler, counted in iterations).
+    clip_grad: global gradient-norm clip; 0 disables it. Megatron's clip asserts CUDA tensors, so a CPU
+      run must use 0 (the grad norm is still logged).
+    eval_interval / save_interval / log_interval: every N iterations; 0 disables (eval and save also run
+      once at the end when enabled). eval_iters: global batches of the validation split per evaluation.
+    save_dir / load_dir: checkpoint directories (None: no save / no resume). load_dir may equal save_dir;
+      a missing `latest` pointer there means "start fresh".
+    tensorboard_dir: TensorBoard event files and the per-depth loss plot (None: neither).
+    progress_bar: "auto" (a tqdm bar when stdout is a terminal), "on", or "off".
+    """
+
+    train_iters: int = 100
+    global_batch_size: int = 8
+    micro_batch_size: int = 4
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_warmup_iters: int = 10
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 0.0
+    eval_interval: int = 50
+    eval_iters: int = 2
+    log_interval: int = 10
+    save_interval: int = 0
+    save_dir: str | None = None
+    load_dir: str | None = None
+    seed: int = 1234
+    tensorboard_dir: str | None = None
+    progress_bar: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("train_iters", "global_batch_size", "micro_batch_size", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_warmup_iters", "eval_interval", "eval_iters", "save_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"training.{name} must be >= 0 (0 disables it), got {getattr(self, name)}")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"training.global_batch_size={self.global_batch_size} must be a multiple of "
+                f"training.micro_batch_size={self.micro_batch_size}; change one of them"
+            )
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"training.min_lr={self.min_lr} must be in [0, training.lr={self.lr}]")
+        if self.lr_warmup_iters >= self.train_iters:
+            raise ValueError(
+                f"training.lr_warmup_iters={self.lr_warmup_iters} must be below training.train_iters="
+                f"{self.train_iters}; shorten the warmup"
+            )
+        if self.lr_decay_style not in LR_DECAY_STYLES:
+            raise ValueError(
+                f"training.lr_decay_style={self.lr_decay_style!r} is unknown; use one of {LR_DECAY_STYLES}"
+            )
+        if self.weight_decay < 0 or self.clip_grad < 0:
+            raise ValueError("training.weight_decay and training.clip_grad must be >= 0")
+        if self.eval_interval and not self.eval_iters:
+            raise ValueError("training.eval_interval > 0 needs training.eval_iters >= 1 (or eval_interval=0)")
+        if self.save_interval and not self.save_dir:
+            raise ValueError("training.save_interval > 0 needs training.save_dir (or save_interval=0)")
+        if self.progress_bar not in ("auto", "on", "off"):
+            raise ValueError(f"training.progress_bar={self.progress_bar!r}; use auto, on or off")
+
+    def num_micro_batches(self, data_parallel_size: int) -> int:
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"training.global_batch_size={self.global_batch_size} must be divisible by "
+                f"training.micro_batch_size={self.micro_batch_size} x data parallel size "
+                f"{data_parallel_size} = {per_step}; change the batch sizes or the parallel layout"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Megatron indexed datasets (`<prefix>.bin` + `<prefix>.idx`) read through Megatron's GPTDataset.
+
+    Either one `prefix` split into train/valid/test by `split` (Megatron's "969,30,1" weights), or
+    separate `train_prefix` and `valid_prefix` (what `python -m mtp_plugin.data prepare` writes).
+    eod_id: the tokenizer's end-of-document id (GPT-2: 50256).
+    reset_position_ids / reset_attention_mask: restart positions / attention at each EOD (per-document
+      attention, "EOD reset"); eod_mask_loss: do not score predicting the token after an EOD.
+    cache_dir: where GPTDataset writes its sample-index caches (None: beside the data).
+    """
+
+    prefix: str | None = None
+    split: str = "969,30,1"
+    train_prefix: str | None = None
+    valid_prefix: str | None = None
+    eod_id: int = 50256
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prefix and (self.train_prefix or self.valid_prefix):
+            raise ValueError(
+                "data.prefix and data.train_prefix/valid_prefix are exclusive; give one prefix with data.split "
+                "or a prefix per split"
+            )
+        if not self.prefix and not self.train_prefix:
+            raise ValueError(
+                "no dataset given: set data.prefix=PATH (split by data.split) or data.train_prefix=PATH "
+                "(and data.valid_prefix); `python -m mtp_plugin.data prepare --out DIR` writes one"
+            )
+        if self.prefix:
+            try:
+                weights = [float(w) for w in self.split.split(",")]
+            except ValueError:
+                weights = []
+            if len(weights) != 3 or any(w < 0 for w in weights) or not sum(weights) > 0:
+                raise ValueError(
+                    f"data.split={self.split!r} must be three non-negative weights like '969,30,1' "
+                    "(train, valid, test)"
+                )
+
+    @property
+    def prefixes(self) -> list[str]:
+        return [p for p in (self.prefix, self.train_prefix, self.valid_prefix) if p]
+
+    @property
+    def has_validation(self) -> bool:
+        if self.prefix:
+            return float(self.split.split(",")[1]) > 0
+        return self.valid_prefix is not None
+
+    def check_files(self) -> None:
+        """Raise a one-line error if a dataset prefix lacks its .bin or .idx file."""
+        for name, prefix in (("prefix", self.prefix), ("train_prefix", self.train_prefix), ("valid_prefix", self.valid_prefix)):
+            if not prefix:
+                continue
+            for ext in (".bin", ".idx"):
+                if not os.path.isfile(prefix + ext):
+                    raise FileNotFoundError(
+                        f"data.{name}={prefix}: {prefix}{ext} does not exist; run `make data` (or "
+                        f"`python -m mtp_plugin.data prepare --out DIR`) or point data.{name} at an indexed dataset"
+                    )
+
+
+@dataclass(kw_only=True)
+class BackendConfig:
+    """Which framework trains the model, and its numeric settings (the `backend/` group).
+
+    params_dtype: "float32" or "bfloat16" (bf16 weights with fp32 main params and grads in the optimizer).
+    use_distributed_optimizer: shard optimizer state across data-parallel ranks (Megatron's ZeRO-1).
+    """
+
+    name: str = "megatron"
+    params_dtype: str = "float32"
+    use_distributed_optimizer: bool = False
+
+    def __post_init__(self) -> None:
+        if self.name not in BACKENDS:
+            raise ValueError(f"backend.name={self.name!r} is not available; use one of {BACKENDS}")
+        if self.params_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"backend.params_dtype={self.params_dtype!r}; use float32 or bfloat16")
+
+
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    """Everything one run needs; the groups are cross-checked on construction."""
+
+    name: str = "experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(train_prefix="data_cache/demo/train_text_document"))
+    backend: BackendConfig = field(default_factory=BackendConfig)
+
+    def __post_init__(self) -> None:
+        self.mtp.check_sequence_length(self.model.seq_length)
+        ep = self.parallel.expert_model_parallel_size
+        if ep > 1 and not self.model.is_moe:
+            raise ValueError(
+                f"parallel.expert_model_parallel_size={ep} needs an MoE model (model.num_experts > 0); set it to 1"
+            )
+        if self.model.is_moe and self.model.num_experts % ep:
+            raise ValueError(
+                f"model.num_experts={self.model.num_experts} is not divisible by "
+                f"parallel.expert_model_parallel_size={ep}; choose an expert-parallel size that divides it"
+            )
+        pp = self.parallel.pipeline_model_parallel_size
+        if self.model.num_layers % pp:
+            raise ValueError(
+                f"model.num_layers={self.model.num_layers} cannot be split evenly across "
+                f"parallel.pipeline_model_parallel_size={pp} stages; choose a stage count that divides it"
+            )
+        if self.mtp.enabled and self.mtp.placement == "stage" and self.mtp.mtp_stage >= pp:
+            raise ValueError(
+                f"mtp.mtp_stage={self.mtp.mtp_stage} does not exist with {pp} pipeline stages; use a stage in [1, {pp})"
+            )
+        if self.parallel.context_parallel_size > 1 or self.parallel.tensor_model_parallel_size > 1:
+            # Not a Megatron limit: the training loop does not yet shard batches over context parallel
+            # ranks nor check tensor-parallel shapes.
+            if self.parallel.context_parallel_size > 1:
+                raise ValueError("parallel.context_parallel_size > 1 is not supported by the training loop yet; use 1")
+            if self.model.num_attention_heads % self.parallel.tensor_model_parallel_size:
+                raise ValueError(
+                    f"model.num_attention_heads={self.model.num_attention_heads} is not divisible by "
+                    f"parallel.tensor_model_parallel_size={self.parallel.tensor_model_parallel_size}"
+                )
+
+    def check_world_size(self, world_size: int) -> int:
+        """Check the layout against the number of processes; return the data-parallel size."""
+        dp = self.parallel.data_parallel_size(world_size)
+        self.training.num_micro_batches(dp)
+        return dp
+
+    @property
+    def tokens_per_iteration(self) -> int:
+        return self.training.global_batch_size * self.model.seq_length

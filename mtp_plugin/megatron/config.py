@@ -1,0 +1,118 @@
+"""Map the plugin's dataclasses onto Megatron-Core's TransformerConfig, validated before any process group."""
+
+from __future__ import annotations
+
+import torch
+
+from mtp_plugin.config import ModelConfig, MTPConfig, ParallelConfig
+from mtp_plugin.megatron.placement import PipelinePlan, plan_pipeline
+
+
+def check_supported(
+    model: ModelConfig, parallel: ParallelConfig, mtp: MTPConfig, *, pipeline_layout: str | None = None
+) -> PipelinePlan:
+    """Every check that can fail before `initialize_model_parallel`; returns the pipeline plan."""
+    if mtp.enabled:
+        mtp.check_sequence_length(model.seq_length)
+    if parallel.context_parallel_size > 1 and mtp.enabled:
+        raise ValueError(
+            "context parallel is not supported with MTP in mtp_plugin yet (depth-k targets cross CP chunk "
+            "boundaries); set parallel.context_parallel_size=1"
+        )
+    if model.is_moe and model.num_experts % parallel.expert_model_parallel_size:
+        raise ValueError(
+            f"model.num_experts={model.num_experts} is not divisible by parallel.expert_model_parallel_size="
+            f"{parallel.expert_model_parallel_size}; change one of them"
+        )
+    if model.padded_vocab_size % parallel.tensor_model_parallel_size:
+        raise ValueError(
+            f"padded vocabulary {model.padded_vocab_size} is not divisible by tensor_model_parallel_size="
+            f"{parallel.tensor_model_parallel_size}; change model.make_vocab_size_divisible_by"
+        )
+    return plan_pipeline(
+        num_layers=model.num_layers,
+        num_depths=mtp.num_depths,
+        pipeline_size=parallel.pipeline_model_parallel_size,
+        placement=mtp.placement,
+        mtp_stage=mtp.mtp_stage,
+        layout=pipeline_layout,
+    )
+
+
+def plan_from_config(model: ModelConfig, mtp: MTPConfig, config) -> PipelinePlan:
+    layout = config.pipeline_model_parallel_layout
+    if layout is not None and not isinstance(layout, str):
+        # Megatron converts the string into a PipelineParallelLayerLayout in __post_init__.
+        layout = "|".join(
+            "".join({"embedding": "E", "decoder": "t", "mtp": "m", "loss": "L"}[t.name] for t in stage[0])
+            for stage in layout.layout
+        )
+    return plan_pipeline(
+        num_layers=model.num_layers,
+        num_depths=mtp.num_depths,
+        pipeline_size=config.pipeline_model_parallel_size,
+        placement=mtp.placement,
+        mtp_stage=mtp.mtp_stage,
+        layout=layout,
+    )
+
+
+def transformer_config_from(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    mtp: MTPConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    pipeline_layout: str | None = None,
+    **overrides,
+):
+    """A Megatron TransformerConfig for a DeepSeek-shaped (RMSNorm, SwiGLU, RoPE, optional MoE) GPT."""
+    import torch.nn.functional as F
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    plan = check_supported(model, parallel, mtp, pipeline_layout=pipeline_layout)
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=1e-6,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        # Megatron's MoE with bias fails on CPU and DeepSeek-V3 has no biases in linears anyway.
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        context_parallel_size=parallel.context_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        # D tells Megatron's pipeline machinery about the depths (final norm placement, layout, embedding
+        # group); Megatron's own MTP block is never built (see model.py), so its λ is unused here.
+        mtp_num_layers=mtp.num_depths or None,
+        pipeline_model_parallel_layout=plan.layout,
+    )
+    if model.is_moe:
+        kwargs.update(
+            num_moe_experts=model.num_experts,
+            moe_router_topk=model.moe_router_topk,
+            moe_ffn_hidden_size=model.expert_ffn_hidden_size,
+            moe_shared_expert_intermediate_size=model.moe_shared_expert_size or None,
+            moe_layer_freq=[0] * model.first_dense_layers
+            + [1] * (model.num_layers - model.first_dense_layers),
+            moe_token_dispatcher_type=model.moe_token_dispatcher_type,
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+            moe_grouped_gemm=False,
+        )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)

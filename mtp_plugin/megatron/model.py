@@ -1,0 +1,336 @@
+"""MTP inside a Megatron-Core GPTModel pipeline stage, through Megatron's own extension points.
+
+`MTPGPTModel` is a GPTModel subclass: the trunk, embedding, output layer, pipeline layout and the
+embedding group are Megatron's; the MTP depths are the plugin's core `MTPStack`, whose transformer
+block is built from the model's own layer spec (the last decoder layer's spec, so it is MoE when the
+trunk is MoE) and whose projection is a ColumnParallelLinear, as in Megatron's
+`transformer/multi_token_prediction.py`.
+
+The config keeps `mtp_num_layers = D` so that Megatron's pipeline machinery treats the plugin's depths
+as MTP layers: the trunk's final norm sits on the stage of its last layer, a layout with `m` and `L`
+builds and communicates the (1 + D)-times longer hidden states, and the stages holding the MTP embedding
+copy join the embedding group whose gradients `finalize_model_grads` sums every step. We do not pass an
+`mtp_block_spec` to GPTModel, so Megatron's own MTP block, its loss hook (`MTPLossAutoScaler`) and its
+process-global loss tracker are never built or used: the loss is returned to the caller's loss function.
+
+Post-process output (when labels are given): `(main_loss_bs, depth_loss_sums_d, depth_counts_d2)` with the
+per-token main loss [b, s] (unmasked, as GPTModel returns it), each depth's summed CE over its valid
+targets (differentiable) and, per depth, (valid targets, top-1 hits). See `mtp_plugin.megatron.step`.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+    gather_from_tensor_model_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import make_viewless_tensor
+
+from mtp_plugin.config import ModelConfig, MTPConfig
+from mtp_plugin.core import MTPDepth, MTPStack, depth_targets, linear_cross_entropy, shift_left
+
+
+class MTPProjection(MegatronModule):
+    """eh_proj: [enorm(emb); hnorm(h)] (2h) -> h, column-parallel, gathered back to full hidden width."""
+
+    def __init__(self, config: TransformerConfig, tp_group) -> None:
+        super().__init__(config=config)
+        self.linear = tensor_parallel.ColumnParallelLinear(
+            2 * config.hidden_size,
+            config.hidden_size,
+            config=config,
+            init_method=config.init_method,
+            gather_output=False,
+            bias=False,
+            skip_bias_add=False,
+            is_expert=False,
+            tp_group=tp_group,
+        )
+        self.tp_group = tp_group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.linear(x)
+        # gather (not all-gather-with-reduce) keeps the backward a split, as upstream fixed it in MTP.
+        y = gather_from_tensor_model_parallel_region(y, group=self.tp_group)
+        if self.config.sequence_parallel:
+            y = scatter_to_sequence_parallel_region(y, group=self.tp_group)
+        return y
+
+
+class MTPTransformerBlock(MegatronModule):
+    """One TransformerLayer built from a ModuleSpec, called like a tensor -> tensor block."""
+
+    def __init__(
+        self, config: TransformerConfig, layer_spec: ModuleSpec, layer_number: int, vp_stage
+    ) -> None:
+        super().__init__(config=config)
+        self.layer = build_module(layer_spec, config=config, layer_number=layer_number, vp_stage=vp_stage)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        out, _ = self.layer(hidden_states=hidden_states, **kwargs)
+        return out
+
+
+def trunk_layer_spec(config: TransformerConfig, *, vp_stage=None):
+    """The trunk's spec: a per-layer block spec for MoE (dense first layers, then MoE), else one local spec."""
+    if config.num_moe_experts:
+        return get_gpt_decoder_block_spec(
+            config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage
+        )
+    return get_gpt_layer_local_spec(normalization=config.normalization)
+
+
+def last_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
+    """The spec of the trunk's last decoder layer (MoE when the trunk ends in MoE), for every MTP depth."""
+    freq = config.moe_layer_freq
+    last_is_moe = bool(config.num_moe_experts) and (
+        (isinstance(freq, int) and (config.num_layers - 1) % freq == 0)
+        or (isinstance(freq, list) and freq[-1] == 1)
+    )
+    return get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts if last_is_moe else None,
+        moe_grouped_gemm=config.moe_grouped_gemm,
+        normalization=config.normalization,
+    )
+
+
+class MTPGPTModel(GPTModel):
+    """GPTModel whose stage `mtp_stage` runs the plugin's MTP depths and whose last stage scores them."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        transformer_layer_spec,
+        vocab_size: int,
+        max_sequence_length: int,
+        *,
+        mtp_stage: int,
+        mtp_layer_spec: ModuleSpec | None = None,
+        loss_chunk_tokens: int = 0,
+        eod_id: int | None = None,
+        pre_process: bool = True,
+        post_process: bool = True,
+        share_embeddings_and_output_weights: bool = False,
+        position_embedding_type: str = "rope",
+        rotary_base: int = 10000,
+        vp_stage: int | None = None,
+        **gpt_kwargs,
+    ) -> None:
+        super().__init__(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=share_embeddings_and_output_weights,
+            position_embedding_type=position_embedding_type,
+            rotary_base=rotary_base,
+            mtp_block_spec=None,
+            vp_stage=vp_stage,
+            **gpt_kwargs,
+        )
+        self.num_mtp_depths = config.mtp_num_layers or 0
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.eod_id = eod_id
+        self.mtp_process = self.num_mtp_depths > 0 and self.pp_group.rank() == mtp_stage
+        self.mtp_before_this_stage = self.num_mtp_depths > 0 and self.pp_group.rank() > mtp_stage
+        if self.mtp_process:
+            if not self.pre_process:
+                # The MTP stage needs Emb(t_{i+k}): a copy of stage 0's table, kept identical through the
+                # embedding group (initial all-reduce below, gradient all-reduce in finalize_model_grads).
+                self.embedding = LanguageModelEmbedding(
+                    config=config,
+                    vocab_size=vocab_size,
+                    max_sequence_length=max_sequence_length,
+                    position_embedding_type=position_embedding_type,
+                    tp_group=self.pg_collection.tp,
+                )
+            self.mtp_stack = self._build_mtp_stack(
+                mtp_layer_spec or last_decoder_layer_spec(config), vp_stage
+            )
+        self._mtp_ready = True
+        self.setup_embeddings_and_output_layer()
+
+    def _build_mtp_stack(self, layer_spec: ModuleSpec, vp_stage) -> MTPStack:
+        config = self.config
+        norm = LocalSpecProvider().layer_norm(rms_norm=config.normalization == "RMSNorm")
+
+        def make_norm():
+            return build_module(
+                norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
+            )
+
+        return MTPStack(
+            [
+                MTPDepth(
+                    enorm=make_norm(),
+                    hnorm=make_norm(),
+                    eh_proj=MTPProjection(config, self.pg_collection.tp),
+                    # Layer numbers continue after the trunk (L + k), as Megatron numbers its MTP layers.
+                    block=MTPTransformerBlock(config, layer_spec, config.num_layers + k, vp_stage),
+                    final_norm=make_norm(),
+                )
+                for k in range(1, self.num_mtp_depths + 1)
+            ]
+        )
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        # GPTModel.__init__ calls this before the MTP embedding copy exists; the copy must be in place
+        # before Megatron zero-fills it and all-reduces it from stage 0, so run it once, afterwards.
+        if getattr(self, "_mtp_ready", False):
+            super().setup_embeddings_and_output_layer()
+
+    def _postprocess(
+        self,
+        hidden_states,
+        input_ids,
+        position_ids,
+        labels,
+        rotary_pos_emb,
+        rotary_pos_cos,
+        rotary_pos_sin,
+        mtp_in_postprocess=None,
+        loss_mask=None,
+        decoder_input=None,
+        attention_mask=None,
+        inference_params=None,
+        packed_seq_params=None,
+        sequence_len_offset=None,
+        runtime_gather_output=None,
+        extra_block_kwargs=None,
+        inference_context=None,
+        **_,
+    ):
+        depth_hidden: list[torch.Tensor] = []
+        if self.mtp_process:
+            depth_hidden = self.mtp_stack(
+                hidden_states,
+                input_ids,
+                lambda ids_bs, k: self.embedding(
+                    input_ids=ids_bs,
+                    position_ids=None if position_ids is None else shift_left(position_ids, k),
+                ),
+                attention_mask=attention_mask,
+                rotary_pos_emb=rotary_pos_emb,
+                rotary_pos_cos=rotary_pos_cos,
+                rotary_pos_sin=rotary_pos_sin,
+                packed_seq_params=packed_seq_params,
+                sequence_len_offset=sequence_len_offset,
+            )
+            if not self.post_process:
+                # Later stages receive [h^0; h^1; ...; h^D] along the sequence dim (Megatron's convention).
+                return make_viewless_tensor(torch.cat([hidden_states, *depth_hidden], dim=0), True, True)
+        elif self.mtp_before_this_stage:
+            hidden_states, *depth_hidden = torch.chunk(hidden_states, 1 + self.num_mtp_depths, dim=0)
+        if not self.post_process:
+            return hidden_states
+
+        output_weight = (
+            self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        )
+        logits, _ = self.output_layer(
+            hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output
+        )
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()  # [s b V] -> [b s V], as GPTModel
+        main_loss_bs = self.compute_language_model_loss(labels, logits)
+        if not depth_hidden:
+            return main_loss_bs
+        head_weight = output_weight if output_weight is not None else self.output_layer.weight
+        if loss_mask is None:
+            loss_mask = torch.ones_like(labels, dtype=torch.bool)
+        sums, counts = self._depth_losses(depth_hidden, head_weight, input_ids, labels, loss_mask)
+        return main_loss_bs, sums, counts
+
+    def _depth_losses(self, depth_hidden, head_weight, input_ids, labels, loss_mask):
+        tp_group = self.pg_collection.tp
+        tp_size = tp_group.size()
+        loss_sums, counts = [], []
+        for k, hidden_sbh in enumerate(depth_hidden, start=1):
+            targets = depth_targets(input_ids, labels, loss_mask, k, eod_id=self.eod_id)
+            # The same input-side communication a ColumnParallelLinear head does.
+            if self.config.sequence_parallel:
+                hidden_sbh = gather_from_sequence_parallel_region(
+                    hidden_sbh, tensor_parallel_output_grad=True, group=tp_group
+                )
+            elif tp_size > 1:
+                hidden_sbh = copy_to_tensor_model_parallel_region(hidden_sbh, group=tp_group)
+            stats = linear_cross_entropy(
+                hidden_sbh,
+                head_weight,
+                targets.labels_bs.t(),
+                targets.loss_mask_bs.t(),
+                chunk_tokens=self.loss_chunk_tokens,
+                vocab_start=tp_group.rank() * head_weight.shape[0],
+                tp_group=tp_group if tp_size > 1 else None,
+            )
+            loss_sums.append(stats.loss_sum)
+            counts.append(torch.stack([stats.num_tokens, stats.num_correct]).to(torch.float32))
+        return torch.stack(loss_sums).float(), torch.stack(counts)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Megatron's, with the MTP stack's Megatron submodules (TP/EP-sharded) sharded by their own rules."""
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if not self.mtp_process:
+            return state
+        stack_prefix = f"{prefix}mtp_stack."
+        for key in [k for k in state if k.startswith(stack_prefix)]:
+            del state[key]
+        for i, depth in enumerate(self.mtp_stack.depths):
+            for name, child in depth.named_children():
+                state.update(
+                    sharded_state_dict_default(
+                        child, f"{stack_prefix}depths.{i}.{name}.", sharded_offsets, metadata
+                    )
+                )
+        return state
+
+
+def build_mtp_gpt_model(
+    model_cfg: ModelConfig,
+    mtp_cfg: MTPConfig,
+    config: TransformerConfig,
+    *,
+    pre_process: bool,
+    post_process: bool,
+    vp_stage: int | None = None,
+    mtp_stage: int | None = None,
+    eod_id: int | None = None,
+    transformer_layer_spec=None,
+    mtp_layer_spec: ModuleSpec | None = None,
+) -> MTPGPTModel:
+    """A model provider body: GPTModel with the plugin's MTP on `mtp_stage` (default: as `config` plans it)."""
+    from mtp_plugin.megatron.config import plan_from_config
+
+    if mtp_stage is None:
+        mtp_stage = plan_from_config(model_cfg, mtp_cfg, config).mtp_stage or 0
+    return MTPGPTModel(
+        config,
+        transformer_layer_spec or trunk_layer_spec(config, vp_stage=vp_stage),
+        model_cfg.padded_vocab_size,
+        model_cfg.seq_length,
+        mtp_stage=mtp_stage,
+        mtp_layer_spec=mtp_layer_spec,
+        loss_chunk_tokens=mtp_cfg.loss_chunk_tokens,
+        eod_id=eod_id if mtp_cfg.mask_across_eod else None,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=model_cfg.rotary_base,
+        vp_stage=vp_stage,
+    )

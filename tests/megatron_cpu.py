@@ -1,0 +1,362 @@
+"""Run real Megatron-Core on CPU over gloo, for tests only.
+
+The product never patches Megatron; these shims exist so that multi-process tests can exercise
+pipeline and expert parallelism on a machine without a GPU. Each shim is the smallest change that
+gets past one hard-coded CUDA assumption (see /work/shared/PLATFORM.md, "Megatron-Core on CPU over
+gloo"). Works with megatron-core 0.16.1 and 0.19.x.
+
+Also here: a tiny GPTModel builder (local spec, fp32, CPU init, optional MoE and native MTP) and a
+forward/backward runner over several microbatches, shared by the distributed tests.
+
+Shape legend: b batch, s sequence, h hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+_CUDA_MODE: _CudaToCpuMode | None = None
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps `device="cuda"` to CPU and makes `.cuda()` a no-op.
+
+    Needed for pp>1: schedules.py allocates `torch.zeros(..., device="cuda")` and
+    LanguageModule.setup_embeddings_and_output_layer calls `weight.data.cuda()`. Costs ~60% step
+    time on tiny models; fine for tests.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NoStream:
+    """Stand-in for `torch.cuda.Stream` in the alltoall dispatcher (never used on CPU)."""
+
+
+def _alltoall_dtoh_cpu(self, point: str, tokens_per_expert: torch.Tensor | None = None):
+    """CPU replacement of MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize.
+
+    Upstream moves split sizes to host on a side CUDA stream and converts them to numpy (the
+    all-to-all takes numpy split sizes); on CPU there is no stream, only the numpy conversion.
+    """
+    if not self.drop_and_pad and point == self.cuda_dtoh_point:
+        for name in ("input_splits", "output_splits", "output_splits_tp"):
+            value = getattr(self, name, None)
+            if torch.is_tensor(value):
+                setattr(self, name, value.cpu().numpy())
+    return tokens_per_expert
+
+
+def install_cpu_shims(*, cuda_to_cpu_mode: bool = True) -> None:
+    """Apply the CPU shims in this process (idempotent). Call before building any model.
+
+    - `torch.cuda.current_device()` returns "cpu" (Megatron passes it as `device=` in the global
+      memory buffer, RoPE, MTP tracker, p2p receive buffers).
+    - `torch.cuda.synchronize()` is a no-op (pp>1 p2p after batched isend/irecv).
+    - optional TorchFunctionMode mapping cuda -> cpu (needed for pp>1 schedules).
+    - `moe_utils.te_general_gemm = None` (0.16.1 without TransformerEngine raises NameError).
+    - alltoall token dispatcher: no CUDA stream; split sizes converted to numpy.
+    """
+    global _INSTALLED, _CUDA_MODE
+    if _INSTALLED:
+        return
+    torch.cuda.current_device = lambda: "cpu"
+    # p2p_communication calls it after batch_isend_irecv (config.batch_p2p_sync); CPU ops are
+    # already complete when .wait() returns.
+    torch.cuda.synchronize = lambda device=None: None
+
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+    dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
+    alltoall = dispatcher.MoEAlltoAllTokenDispatcher
+    if getattr(alltoall, "cuda_dtoh_stream", None) is None:
+        alltoall.cuda_dtoh_stream = _NoStream()
+    alltoall._maybe_dtoh_and_synchronize = _alltoall_dtoh_cpu
+
+    if cuda_to_cpu_mode:
+        _CUDA_MODE = _CudaToCpuMode()
+        _CUDA_MODE.__enter__()
+    _INSTALLED = True
+
+
+def seed_megatron(seed: int) -> None:
+    """Seed torch and Megatron's RNG tracker without touching CUDA.
+
+    `inference_rng_tracker=True` selects a tracker that does not assert on CUDA RNG state.
+    """
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny GPTModel for tests.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TinyGPT:
+    """Shape and features of a tiny Megatron GPTModel for CPU tests."""
+
+    num_layers: int = 2
+    hidden_size: int = 32
+    num_attention_heads: int = 4
+    ffn_hidden_size: int = 64
+    vocab_size: int = 96
+    seq_length: int = 16
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    moe_token_dispatcher_type: str = "allgather"
+    mtp_num_layers: int | None = 2
+    mtp_loss_scaling_factor: float = 0.1
+    pipeline_model_parallel_layout: str | None = None
+    share_embeddings_and_output_weights: bool = True
+    position_embedding_type: str = "rope"
+    calculate_per_token_loss: bool = False
+
+
+def tiny_transformer_config(model: TinyGPT, **overrides: Any):
+    """TransformerConfig for `model` matching the parallel state already initialised."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs: dict[str, Any] = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        ffn_hidden_size=model.ffn_hidden_size,
+        tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+        expert_model_parallel_size=ps.get_expert_model_parallel_world_size(),
+        pipeline_dtype=torch.float32,
+        params_dtype=torch.float32,
+        use_cpu_initialization=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        add_bias_linear=False,  # True with MoE fails on CPU (in-place on a view)
+        gradient_accumulation_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        normalization="RMSNorm",
+        mtp_num_layers=model.mtp_num_layers,
+        mtp_loss_scaling_factor=model.mtp_loss_scaling_factor,
+        pipeline_model_parallel_layout=model.pipeline_model_parallel_layout,
+        calculate_per_token_loss=model.calculate_per_token_loss,
+    )
+    if model.num_moe_experts is not None:
+        kwargs.update(
+            num_moe_experts=model.num_moe_experts,
+            moe_router_topk=model.moe_router_topk,
+            moe_token_dispatcher_type=model.moe_token_dispatcher_type,
+            moe_router_load_balancing_type="none",
+            moe_aux_loss_coeff=0.0,
+            moe_grouped_gemm=False,
+            moe_ffn_hidden_size=model.ffn_hidden_size,
+        )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_tiny_gpt(model: TinyGPT, **config_overrides: Any):
+    """Build this pipeline stage of a tiny GPTModel (local spec, native MTP if configured).
+
+    Call after `initialize_model_parallel`. Returns the bare GPTModel (no DDP wrapper).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_mtp_block_spec,
+    )
+
+    config = tiny_transformer_config(model, **config_overrides)
+    layer_spec = get_gpt_layer_local_spec(
+        num_experts=model.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+    )
+    mtp_block_spec = None
+    if model.mtp_num_layers:
+        mtp_block_spec = get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=False)
+    if model.pipeline_model_parallel_layout is not None:
+        # With a layout the stage roles come from it ('E' and 'L'), not from the pp rank alone.
+        from megatron.core.transformer.enums import LayerType
+
+        layout = config.pipeline_model_parallel_layout.layout
+        stage = layout[ps.get_pipeline_model_parallel_rank()][0]
+        pre_process, post_process = LayerType.embedding in stage, LayerType.loss in stage
+    else:
+        pre_process = ps.is_pipeline_first_stage()
+        post_process = ps.is_pipeline_last_stage()
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=model.vocab_size,
+        max_sequence_length=model.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+        position_embedding_type=model.position_embedding_type,
+        mtp_block_spec=mtp_block_spec,
+    )
+
+
+def stage_layer_offset(gpt_model) -> int:
+    """Global index of this stage's first decoder layer."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    return get_transformer_layer_offset(gpt_model.config)
+
+
+def to_global_names(gpt_model, state: dict[str, Any]) -> dict[str, Any]:
+    """Rename this rank's local keys to pp=1, ep=1 names.
+
+    `decoder.layers.{local}.` -> global layer index (pipeline offset);
+    `experts.local_experts.{i}.` -> global expert index `ep_rank * num_local_experts + i`.
+    """
+    from megatron.core import parallel_state as ps
+
+    offset = stage_layer_offset(gpt_model)
+    num_experts = gpt_model.config.num_moe_experts or 0
+    num_local = num_experts // ps.get_expert_model_parallel_world_size()
+    expert_offset = ps.get_expert_model_parallel_rank() * num_local
+    marker = "experts.local_experts."
+    out = {}
+    for key, value in state.items():
+        if key.startswith("decoder.layers."):
+            local, rest = key[len("decoder.layers.") :].split(".", 1)
+            key = f"decoder.layers.{int(local) + offset}.{rest}"
+        if marker in key:
+            head, tail = key.split(marker, 1)
+            local, rest = tail.split(".", 1)
+            key = f"{head}{marker}{int(local) + expert_offset}.{rest}"
+        out[key] = value
+    return out
+
+
+def load_global_state(gpt_model, full_state: dict[str, torch.Tensor]) -> None:
+    """Load this stage's slice of a pp=1 state dict (strict).
+
+    Keys that only exist at pp>1 (the unused `output_layer.weight` of a tied last stage that also
+    holds MTP) are filled from the word embedding, which is what they mirror.
+    """
+    local_names = list(gpt_model.state_dict().keys())
+    local_by_global = to_global_names(gpt_model, {k: k for k in local_names})
+    state = {}
+    for glob, local in local_by_global.items():
+        if glob in full_state:
+            state[local] = full_state[glob]
+        elif glob == "output_layer.weight":
+            state[local] = full_state["embedding.word_embeddings.weight"]
+        elif glob.endswith("_extra_state"):
+            continue
+        else:
+            raise KeyError(f"{glob} (local {local}) missing from the reference state dict")
+    result = gpt_model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise KeyError(f"state dict mismatch: missing {missing}, unexpected {result.unexpected_keys}")
+
+
+def make_microbatches(
+    model: TinyGPT, num_microbatches: int, micro_batch_size: int, seed: int, *, mask_tail: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Deterministic token microbatches (labels = next token) with an optional masked tail."""
+    gen = torch.Generator().manual_seed(seed)
+    s = model.seq_length
+    batches = []
+    for _ in range(num_microbatches):
+        tokens_b_s1 = torch.randint(0, model.vocab_size, (micro_batch_size, s + 1), generator=gen)
+        loss_mask_bs = torch.ones(micro_batch_size, s)
+        if mask_tail:
+            loss_mask_bs[:, -mask_tail:] = 0.0
+        batches.append(
+            {
+                "tokens": tokens_b_s1[:, :-1].contiguous(),
+                "labels": tokens_b_s1[:, 1:].contiguous(),
+                "loss_mask": loss_mask_bs,
+                "position_ids": torch.arange(s).unsqueeze(0).expand(micro_batch_size, s).contiguous(),
+            }
+        )
+    return batches
+
+
+def read_mtp_tracker() -> torch.Tensor | None:
+    """Per-depth sum over microbatches of Megatron's logged MTP loss (unreduced), or None."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    tracker = MTPLossLoggingHelper.tracker
+    values = tracker.get("loss_values", tracker.get("values"))  # 0.19 renamed "values"
+    return None if values is None else values.detach().clone()
+
+
+def forward_backward(
+    gpt_model, microbatches: list[dict[str, torch.Tensor]], *, forward_only: bool = False
+) -> dict[str, Any]:
+    """Run Megatron's pipeline schedule over `microbatches` on this stage.
+
+    The loss function is Megatron-LM's pretrain_gpt convention: (masked sum, num tokens, logs),
+    so the schedule divides by tokens and by the number of microbatches.
+    Returns {"lm_loss": [per-microbatch mean main loss] (last stage only), "mtp_tracker": ...}.
+    """
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    config = gpt_model.config
+    data = iter(microbatches)
+
+    def loss_func(loss_mask_bs, output_bs):
+        loss_sum = (output_bs.float() * loss_mask_bs).sum()
+        num_tokens = loss_mask_bs.sum().to(torch.int)
+        return loss_sum, num_tokens, {"lm loss": (loss_sum.detach() / num_tokens).clone()}
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        output_bs = model(
+            batch["tokens"],
+            batch["position_ids"],
+            None,  # attention mask: causal mask built by the local attention
+            labels=batch["labels"],
+            loss_mask=batch["loss_mask"],
+        )
+        return output_bs, lambda out: loss_func(batch["loss_mask"], out)
+
+    gpt_model.zero_grad(set_to_none=True)
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=data,
+        model=[gpt_model],
+        num_microbatches=len(microbatches),
+        seq_length=microbatches[0]["tokens"].shape[1],
+        micro_batch_size=microbatches[0]["tokens"].shape[0],
+        forward_only=forward_only,
+    )
+    del config
+    return {
+        "lm_loss": [d["lm loss"] for d in losses],
+        "mtp_tracker": read_mtp_tracker(),
+    }
