@@ -1,30 +1,31 @@
 """Megatron-Core adapter: the plugin's MTP inside GPTModel pipeline stages.
 
-Importing this package imports megatron.core; `mtp_plugin.megatron.placement` alone does not.
+Attributes resolve lazily, so `mtp_plugin.megatron.placement` and config validation work (and fail fast)
+without importing megatron.core, which takes seconds.
 """
 
-from mtp_plugin.megatron.config import check_supported, plan_from_config, transformer_config_from
-from mtp_plugin.megatron.model import (
-    MTPGPTModel,
-    build_mtp_gpt_model,
-    last_decoder_layer_spec,
-    trunk_layer_spec,
-)
-from mtp_plugin.megatron.placement import PipelinePlan, parse_layout, plan_pipeline
-from mtp_plugin.megatron.step import MTPMetrics, mtp_forward_step, mtp_loss_func
+from importlib import import_module
 
-__all__ = [
-    "MTPGPTModel",
-    "MTPMetrics",
-    "PipelinePlan",
-    "build_mtp_gpt_model",
-    "check_supported",
-    "last_decoder_layer_spec",
-    "mtp_forward_step",
-    "mtp_loss_func",
-    "parse_layout",
-    "plan_from_config",
-    "plan_pipeline",
-    "transformer_config_from",
-    "trunk_layer_spec",
-]
+_EXPORTS = {
+    "check_supported": "config",
+    "plan_from_config": "config",
+    "transformer_config_from": "config",
+    "MTPGPTModel": "model",
+    "build_mtp_gpt_model": "model",
+    "last_decoder_layer_spec": "model",
+    "trunk_layer_spec": "model",
+    "PipelinePlan": "placement",
+    "parse_layout": "placement",
+    "plan_pipeline": "placement",
+    "MTPMetrics": "step",
+    "mtp_forward_step": "step",
+    "mtp_loss_func": "step",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f"mtp_plugin.megatron.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'mtp_plugin.megatron' has no attribute {name!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 
 _TOKEN = re.compile(r"([EtmL])(?:\*(\d+))?")
 
@@ -40,12 +41,12 @@ class PipelinePlan:
         stages = set(self.embedding_stages)
         if tied_head:
             stages.add(len(self.stages) - 1)
-        ordered = sorted(stages)
+        # A partial of a module-level function pickles, so spawned workers can receive it.
+        return partial(_ranks_of_stages, stages=tuple(sorted(stages)))
 
-        def get_embedding_ranks(pp_ranks, *_):
-            return [pp_ranks[i] for i in ordered]
 
-        return get_embedding_ranks
+def _ranks_of_stages(pp_ranks, *_, stages: tuple[int, ...]):
+    return [pp_ranks[i] for i in stages]
 
 
 def parse_layout(layout: str) -> tuple[str, ...]:
