@@ -5,7 +5,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-stamp
 DATA    ?= data_cache/demo
 
-.PHONY: setup test test-fast test-megatron lint demo data bench clean
+.PHONY: setup setup-mcore019 test test-fast test-megatron test-mcore019 lint demo data bench clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,29 @@ test: setup
 	$(VPY) -m ruff check .
 	$(VPY) -m pytest -q tests
 
+# Second CI leg: the newest supported megatron-core (0.19.x) on this Python 3.11. 0.17+ declare
+# Requires-Python >= 3.12 yet ship a py3 wheel that works here; `import megatron.core` needs triton.
+VENV019 ?= .venv-mcore019
+STAMP019 := $(VENV019)/.setup-stamp
+
+setup-mcore019: $(STAMP019)
+
+$(STAMP019): requirements/lock.txt requirements/dev.txt pyproject.toml
+	test -x $(VENV019)/bin/python || $(PY) -m venv $(VENV019)
+	$(VENV019)/bin/python -m pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(VENV019)/bin/python -m pip install -q -c requirements/lock.txt -r requirements/dev.txt
+	$(VENV019)/bin/python -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
+	$(VENV019)/bin/python -m pip install -q -c requirements/lock.txt triton==3.9.0
+	$(VENV019)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP019)
+
+test-mcore019: setup-mcore019
+	$(VENV019)/bin/python -c "import megatron.core, importlib.metadata as m; print('megatron-core', m.version('megatron-core'))"
+	$(VENV019)/bin/python -m pytest -q -m megatron tests
+
+test-megatron: setup
+	$(VPY) -m pytest -q -m megatron tests
+
 test-fast: setup
 	$(VPY) -m pytest -q tests/unit
 
@@ -36,4 +59,4 @@ demo: data
 	$(VPY) -m mtp_plugin.demo --data $(DATA)
 
 clean:
-	rm -rf $(VENV) data_cache outputs multirun runs
+	rm -rf $(VENV) $(VENV019) data_cache outputs multirun runs

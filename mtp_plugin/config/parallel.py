@@ -17,6 +17,8 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    # Megatron `pipeline_model_parallel_layout` string (e.g. "Et*2|t*2m|L"); None plans it from mtp.placement.
+    pipeline_layout: str | None = None
 
     def __post_init__(self) -> None:
         for name in (
@@ -28,11 +30,15 @@ class ParallelConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
-            raise ValueError("parallel.sequence_parallel needs tensor_model_parallel_size > 1; set it to false")
+            raise ValueError(
+                "parallel.sequence_parallel needs tensor_model_parallel_size > 1; set it to false"
+            )
 
     @property
     def model_parallel_size(self) -> int:
-        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+        return (
+            self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+        )
 
     def data_parallel_size(self, world_size: int) -> int:
         """Checks that the sizes fit `world_size` and returns the data-parallel size."""

@@ -35,7 +35,7 @@ def check_supported(
         pipeline_size=parallel.pipeline_model_parallel_size,
         placement=mtp.placement,
         mtp_stage=mtp.mtp_stage,
-        layout=pipeline_layout,
+        layout=pipeline_layout or parallel.pipeline_layout,
     )
 
 
@@ -100,6 +100,14 @@ def transformer_config_from(
         # group); Megatron's own MTP block is never built (see model.py), so its λ is unused here.
         mtp_num_layers=mtp.num_depths or None,
         pipeline_model_parallel_layout=plan.layout,
+        # Fusions that need kernels outside megatron-core (TransformerEngine, apex, compiled extensions) are off;
+        # pass overrides to turn them on where those are installed.
+        gradient_accumulation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
     )
     if model.is_moe:
         kwargs.update(

@@ -1,0 +1,93 @@
+"""Placement planning and its errors: pure functions, checked before any process group exists."""
+
+import pytest
+
+from mtp_plugin.config import ModelConfig, MTPConfig, ParallelConfig
+from mtp_plugin.megatron.config import check_supported
+from mtp_plugin.megatron.placement import parse_layout, plan_pipeline
+
+
+def test_last_placement_uses_megatrons_default_split():
+    plan = plan_pipeline(num_layers=4, num_depths=2, pipeline_size=2)
+    assert plan.layout is None and plan.mtp_stage == 1
+    assert plan.stages == ("Ett", "ttmmL")
+    assert plan.embedding_stages == (0, 1)
+
+
+def test_single_stage():
+    plan = plan_pipeline(num_layers=3, num_depths=1, pipeline_size=1)
+    assert plan.stages == ("Etttm" + "L",) and plan.mtp_stage == 0 and plan.embedding_stages == (0,)
+
+
+def test_stage_placement_with_loss_only_stage():
+    plan = plan_pipeline(num_layers=4, num_depths=2, pipeline_size=3, placement="stage", mtp_stage=1)
+    assert plan.layout == "Ett|ttmm|L"
+    assert plan.embedding_stages == (0, 1)
+    assert plan.embedding_ranks_fn(tied_head=False)([10, 11, 12]) == [10, 11]
+    assert plan.embedding_ranks_fn(tied_head=True)([10, 11, 12]) == [10, 11, 12]
+
+
+def test_stage_equal_to_last_is_last():
+    assert (
+        plan_pipeline(num_layers=4, num_depths=1, pipeline_size=2, placement="stage", mtp_stage=1).layout
+        is None
+    )
+
+
+def test_explicit_layout_mtp_on_its_own_stage():
+    plan = plan_pipeline(num_layers=4, num_depths=3, pipeline_size=3, layout="Et*2|t*2|m*3L")
+    assert plan.stages == ("Ett", "tt", "mmmL") and plan.mtp_stage == 2
+
+
+def test_parse_layout():
+    assert parse_layout("Et*3|t m*2|L") == ("Ettt", "tmm", "L")
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_layout("E(t)*2|L")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(placement="stage", mtp_stage=3), "stages 0..2"),
+        (dict(placement="stage", mtp_stage=0), "cannot run on stage 0"),
+        (dict(pipeline_size=4, placement="stage", mtp_stage=1), "without work"),
+        (dict(layout="Et*2|mt*2|L"), "before the trunk's last decoder layer"),
+        (dict(layout="Et*2|t*2|mL", num_depths=2), "MTP depths 'm' but mtp.num_depths=2"),
+        (dict(layout="Et*4|m|mL", num_depths=2), "all MTP depths must be on one stage"),
+        (dict(layout="Et*4m||L", num_depths=1), "stage 1 has no work"),
+        (
+            dict(layout="Et*4|mL", num_depths=1, pipeline_size=3),
+            "2 stages but pipeline_model_parallel_size=3",
+        ),
+        (dict(layout="mEt*4|L", num_depths=1, pipeline_size=2), "must start with the embedding"),
+        (dict(num_layers=5), "not divisible across 3 pipeline stages"),
+    ],
+)
+def test_invalid_placements(kwargs, message):
+    args = dict(num_layers=4, num_depths=1, pipeline_size=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        plan_pipeline(**args)
+
+
+def test_check_supported_rejects_context_parallel_and_bad_experts():
+    model = ModelConfig(num_layers=4, num_experts=8)
+    with pytest.raises(ValueError, match="context_parallel_size=1"):
+        check_supported(model, ParallelConfig(context_parallel_size=2), MTPConfig(num_depths=1))
+    with pytest.raises(
+        ValueError, match="num_experts=8 is not divisible by parallel.expert_model_parallel_size=3"
+    ):
+        check_supported(model, ParallelConfig(expert_model_parallel_size=3), MTPConfig(num_depths=1))
+    with pytest.raises(ValueError, match="below the sequence length 4"):
+        check_supported(ModelConfig(seq_length=4), ParallelConfig(), MTPConfig(num_depths=4))
+
+
+def test_placement_module_does_not_import_megatron():
+    import subprocess
+    import sys
+
+    code = "import sys, mtp_plugin.megatron.placement, mtp_plugin.megatron.config; print('megatron' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "False"
