@@ -52,7 +52,15 @@ class _CudaToCpuMode(TorchFunctionMode):
 
 
 class _NoStream:
-    """Stand-in for `torch.cuda.Stream` in the alltoall dispatcher (never used on CPU)."""
+    """Stand-in for a CUDA stream: the alltoall dispatcher's side stream and, from megatron-core 0.19,
+    DDP's `torch.cuda.current_stream().wait_event(...)` before a gradient reduction. CPU ops are
+    synchronous, so waiting is a no-op."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
 
 
 def _alltoall_dtoh_cpu(self, point: str, tokens_per_expert: torch.Tensor | None = None):
@@ -86,6 +94,7 @@ def install_cpu_shims(*, cuda_to_cpu_mode: bool = True) -> None:
     # p2p_communication calls it after batch_isend_irecv (config.batch_p2p_sync); CPU ops are
     # already complete when .wait() returns.
     torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.current_stream = lambda device=None: _NoStream()
 
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
     if not hasattr(moe_utils, "te_general_gemm"):

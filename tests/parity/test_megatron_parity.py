@@ -23,7 +23,8 @@ def native_to_plugin_name(name: str) -> str:
     index, rest = name[len("mtp.layers.") :].split(".", 1)
     rest = (
         rest.replace("eh_proj.", "eh_proj.linear.", 1)
-        .replace("transformer_layer.", "block.layer.", 1)
+        .replace("transformer_layer.", "block.layer.", 1)  # megatron-core 0.16
+        .replace("mtp_model_layer.", "block.layer.", 1)  # 0.17+ renamed it
         .replace("final_layernorm.", "final_norm.", 1)
     )
     return f"mtp_stack.depths.{index}.{rest}"
