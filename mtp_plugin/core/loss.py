@@ -94,7 +94,13 @@ def multi_token_loss(
         raise ValueError(f"depth_weights has {len(weights)} entries for {num_depths} depths")
     stats = [
         linear_cross_entropy(
-            hidden, head_weight, labels, mask, chunk_tokens=chunk_tokens, vocab_start=vocab_start, tp_group=tp_group
+            hidden,
+            head_weight,
+            labels,
+            mask,
+            chunk_tokens=chunk_tokens,
+            vocab_start=vocab_start,
+            tp_group=tp_group,
         )
         for hidden, labels, mask in zip(depth_hidden, depth_labels, depth_masks)
     ]

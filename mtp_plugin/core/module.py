@@ -76,7 +76,9 @@ class MTPStack(nn.Module):
     def num_depths(self) -> int:
         return len(self.depths)
 
-    def forward(self, hidden: torch.Tensor, input_ids_bs: torch.Tensor, embed: EmbedFn, **block_kwargs) -> list[torch.Tensor]:
+    def forward(
+        self, hidden: torch.Tensor, input_ids_bs: torch.Tensor, embed: EmbedFn, **block_kwargs
+    ) -> list[torch.Tensor]:
         """Returns [h^1, ..., h^D] (each after its final norm), in `hidden`'s layout.
 
         `embed(ids_bs, k)` maps the ids shifted left by k to embeddings in the layout of `hidden`, through the

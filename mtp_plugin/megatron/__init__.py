@@ -18,6 +18,7 @@ _EXPORTS = {
     "parse_layout": "placement",
     "plan_pipeline": "placement",
     "MTPMetrics": "step",
+    "RhoMeter": "meter",
     "mtp_forward_step": "step",
     "mtp_loss_func": "step",
 }

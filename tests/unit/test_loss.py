@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from mtp_plugin.core import (
-    build_mtp_stack,
     all_depth_targets,
+    build_mtp_stack,
     linear_cross_entropy,
     linear_cross_entropy_plain,
     multi_token_loss,
