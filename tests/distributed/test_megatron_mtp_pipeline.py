@@ -6,6 +6,7 @@ same global batch.
 """
 
 import zlib
+from functools import partial
 
 import pytest
 import torch
@@ -94,7 +95,7 @@ def _pipeline_worker(num_experts, layout, tied, optimizer_steps):
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         losses = get_forward_backward_func()(
-            forward_step_func=lambda it, m: mtp_forward_step(it, m, lam=0.3, metrics=metrics),
+            forward_step_func=partial(mtp_forward_step, lam=0.3, metrics=metrics),
             data_iterator=iter(batches),
             model=[ddp],
             num_microbatches=num_mb,
