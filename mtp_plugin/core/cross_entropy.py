@@ -101,39 +101,50 @@ def linear_cross_entropy_plain(
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_nh, weight_vh, t_n, m_n, chunk_tokens, vocab_start, tp_group):
+        # The head matmuls run in the activations' dtype (bf16 tensor cores on GPU), as the output
+        # layer does; softmax, loss and the weight-gradient accumulator are at least fp32.
         cdtype = _compute_dtype(h_nh.dtype)
         num_vocab_local = weight_vh.shape[0]
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        w_vh = weight_vh.to(cdtype)
+        w_vh = weight_vh.to(h_nh.dtype)
         grad_h_nh = torch.empty_like(h_nh) if ctx.needs_input_grad[0] else None
-        grad_w_vh = torch.zeros_like(w_vh) if ctx.needs_input_grad[1] else None
+        grad_w_vh = (
+            torch.zeros(weight_vh.shape, dtype=cdtype, device=weight_vh.device)
+            if ctx.needs_input_grad[1]
+            else None
+        )
         loss_sum = torch.zeros((), dtype=cdtype, device=h_nh.device)
         num_correct = torch.zeros((), dtype=torch.long, device=h_nh.device)
         for start in range(0, h_nh.shape[0], chunk_tokens):
             stop = min(start + chunk_tokens, h_nh.shape[0])
-            h_ch = h_nh[start:stop].to(cdtype)
-            logits_cv = h_ch @ w_vh.t()
-            max_c = _all_reduce(logits_cv.max(dim=-1).values, dist.ReduceOp.MAX, tp_group)
-            exp_cv = torch.exp(logits_cv - max_c[:, None])
-            sumexp_c = _all_reduce(exp_cv.sum(-1), dist.ReduceOp.SUM, tp_group)
+            h_ch = h_nh[start:stop]
+            logits_cv = (h_ch @ w_vh.t()).to(cdtype)
             local_t_c = t_n[start:stop] - vocab_start
             in_shard_c = (local_t_c >= 0) & (local_t_c < num_vocab_local)
             safe_t_c = local_t_c.clamp(0, num_vocab_local - 1)
             target_logit_c = logits_cv.gather(1, safe_t_c[:, None])[:, 0] * in_shard_c
             target_logit_c = _all_reduce(target_logit_c, dist.ReduceOp.SUM, tp_group)
+            max_c = _all_reduce(logits_cv.max(dim=-1).values, dist.ReduceOp.MAX, tp_group)
+            # In place: the chunk's logits become exp(logits - max), then the softmax, then d(loss)/d(logits).
+            exp_cv = logits_cv.sub_(max_c[:, None]).exp_()
+            sumexp_c = _all_reduce(exp_cv.sum(-1), dist.ReduceOp.SUM, tp_group)
             mask_c = m_n[start:stop]
             loss_sum += ((torch.log(sumexp_c) + max_c - target_logit_c) * mask_c).sum()
             num_correct += ((target_logit_c >= max_c) & mask_c).sum()
             if needs_grad:
-                # d(sum CE)/d logits = softmax - onehot(target), zero on masked rows; reuse exp_cv in place.
+                # d(sum CE)/d logits = softmax - onehot(target), zero on masked rows.
                 dlogits_cv = exp_cv.div_(sumexp_c[:, None])
                 rows = torch.nonzero(in_shard_c, as_tuple=True)[0]
                 dlogits_cv[rows, safe_t_c[rows]] -= 1.0
                 dlogits_cv.mul_(mask_c[:, None])
+                dlogits_cv = dlogits_cv.to(h_nh.dtype)
                 if grad_h_nh is not None:
-                    grad_h_nh[start:stop] = (dlogits_cv @ w_vh).to(h_nh.dtype)
+                    grad_h_nh[start:stop] = dlogits_cv @ w_vh
                 if grad_w_vh is not None:
-                    grad_w_vh.addmm_(dlogits_cv.t(), h_ch)
+                    if dlogits_cv.dtype == cdtype:
+                        grad_w_vh.addmm_(dlogits_cv.t(), h_ch)
+                    else:
+                        grad_w_vh += (dlogits_cv.t() @ h_ch).to(cdtype)
         ctx.save_for_backward(grad_h_nh, grad_w_vh)
         ctx.has_grads = (grad_h_nh is not None, grad_w_vh is not None)
         ctx.weight_dtype = weight_vh.dtype

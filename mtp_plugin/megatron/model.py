@@ -246,6 +246,7 @@ class MTPGPTModel(GPTModel):
         if labels is None:
             return logits.transpose(0, 1).contiguous()  # [s b V] -> [b s V], as GPTModel
         main_loss_bs = self.compute_language_model_loss(labels, logits)
+        del logits  # free the main head's [s, b, V] before the depths are scored
         if not depth_hidden:
             return main_loss_bs
         head_weight = output_weight if output_weight is not None else self.output_layer.weight
