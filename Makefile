@@ -56,7 +56,7 @@ data: setup
 	$(VPY) -m mtp_plugin.data prepare --out $(DATA)
 
 demo: data
-	$(VPY) -m mtp_plugin.demo --data $(DATA)
+	$(VPY) -m mtp_plugin.train experiment=toy_demo data.train_prefix=$(DATA)/train_text_document data.valid_prefix=$(DATA)/valid_text_document
 
 clean:
 	rm -rf $(VENV) $(VENV019) data_cache outputs multirun runs

@@ -158,7 +158,11 @@ class DataConfig:
 
     def check_files(self) -> None:
         """Raise a one-line error if a dataset prefix lacks its .bin or .idx file."""
-        for name, prefix in (("prefix", self.prefix), ("train_prefix", self.train_prefix), ("valid_prefix", self.valid_prefix)):
+        for name, prefix in (
+            ("prefix", self.prefix),
+            ("train_prefix", self.train_prefix),
+            ("valid_prefix", self.valid_prefix),
+        ):
             if not prefix:
                 continue
             for ext in (".bin", ".idx"):
@@ -197,7 +201,9 @@ class ExperimentConfig:
     mtp: MTPConfig = field(default_factory=MTPConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    data: DataConfig = field(default_factory=lambda: DataConfig(train_prefix="data_cache/demo/train_text_document"))
+    data: DataConfig = field(
+        default_factory=lambda: DataConfig(train_prefix="data_cache/demo/train_text_document")
+    )
     backend: BackendConfig = field(default_factory=BackendConfig)
 
     def __post_init__(self) -> None:
@@ -226,7 +232,9 @@ class ExperimentConfig:
             # Not a Megatron limit: the training loop does not yet shard batches over context parallel
             # ranks nor check tensor-parallel shapes.
             if self.parallel.context_parallel_size > 1:
-                raise ValueError("parallel.context_parallel_size > 1 is not supported by the training loop yet; use 1")
+                raise ValueError(
+                    "parallel.context_parallel_size > 1 is not supported by the training loop yet; use 1"
+                )
             if self.model.num_attention_heads % self.parallel.tensor_model_parallel_size:
                 raise ValueError(
                     f"model.num_attention_heads={self.model.num_attention_heads} is not divisible by "

@@ -8,7 +8,6 @@ from functools import partial
 
 import pytest
 import torch
-
 from distributed_utils import run_distributed
 
 pytestmark = [pytest.mark.megatron, pytest.mark.distributed]

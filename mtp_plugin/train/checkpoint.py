@@ -1,0 +1,171 @@
+"""Atomic checkpoints through `megatron.core.dist_checkpointing`.
+
+Layout under `save_dir`:
+
+    iter_0000020/        a finished checkpoint (dist_checkpointing: model, optimizer, per-rank RNG,
+                         and in its common part the scheduler, data position, λ schedule, tokens)
+    iter_0000030.tmp/    a checkpoint being written; never read
+    latest               the name of the newest finished checkpoint ("iter_0000020")
+
+Every rank writes its shards into the `.tmp` directory; after a barrier rank 0 renames it to its final
+name and then replaces `latest` through a temporary file and `os.replace`. Both are atomic renames on
+POSIX, so a process killed at any point leaves `latest` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+
+
+def checkpoint_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def latest_checkpoint(directory: str | os.PathLike | None) -> Path | None:
+    """The finished checkpoint `directory/latest` names, or None when there is none yet."""
+    if not directory:
+        return None
+    pointer = Path(directory) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(directory) / pointer.read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise FileNotFoundError(
+            f"{pointer} names {path.name}, which is missing or incomplete; point {pointer} at an existing "
+            "iter_* directory or remove it to start fresh"
+        )
+    return path
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "megatron_tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+
+
+def _sharded_state(model, optimizer, *, is_loading: bool, common: dict[str, Any]) -> dict[str, Any]:
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    # What Megatron-LM's checkpointing passes (_build_sharded_state_dict_metadata): the group over which
+    # replicated tensors are deduplicated, and the current (prefix-free) chained-optimizer key format.
+    metadata = {
+        "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True),
+        "singleton_local_shards": False,
+        "chained_optim_avoid_prefix": True,
+    }
+    if getattr(optimizer.config, "use_distributed_optimizer", False):
+        metadata["distrib_optim_sharding_type"] = "fully_sharded_model_space"
+    model_sd = model.sharded_state_dict(metadata=metadata)
+    state = {
+        "model": model_sd,
+        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata),
+        # One object per rank: every rank's RNG streams differ (tensor/expert-parallel seeds).
+        "rng": ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0),
+    }
+    state.update(common)
+    return state
+
+
+def save_checkpoint(
+    save_dir: str | os.PathLike,
+    iteration: int,
+    *,
+    model,
+    optimizer,
+    common: dict[str, Any],
+) -> Path:
+    """Write checkpoint `iteration` atomically on every rank; return its final path.
+
+    model: the bare (not DDP-wrapped) Megatron module of this rank. common: plain picklable values,
+    identical on all ranks (iteration, scheduler state, data position...), stored once by rank 0.
+    """
+    from megatron.core import dist_checkpointing
+
+    save_dir = Path(save_dir)
+    final = save_dir / checkpoint_name(iteration)
+    tmp = save_dir / (final.name + ".tmp")
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        # A leftover from a save that was killed: never loaded, safe to drop.
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier()
+    state = _sharded_state(model, optimizer, is_loading=False, common={"iteration": iteration, **common})
+    dist_checkpointing.save(state, str(tmp))
+    _barrier()
+    if rank == 0:
+        _fsync_dir(tmp)
+        if final.exists():  # the same iteration saved again (e.g. after a resume): keep it until replaced
+            stale = save_dir / (final.name + ".old")
+            shutil.rmtree(stale, ignore_errors=True)
+            os.replace(final, stale)
+            os.replace(tmp, final)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        pointer_tmp = save_dir / (LATEST + ".tmp")
+        pointer_tmp.write_text(final.name + "\n")
+        with open(pointer_tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(pointer_tmp, save_dir / LATEST)
+        _fsync_dir(save_dir)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, *, model, optimizer) -> dict[str, Any]:
+    """Load `path` into model, optimizer and this rank's RNG; return the common values saved with it."""
+    from megatron.core import dist_checkpointing
+
+    common_keys = dist_checkpointing.load_common_state_dict(str(path))
+    template = _sharded_state(model, optimizer, is_loading=True, common={})
+    state = dist_checkpointing.load(template, str(path))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return {k: v for k, v in common_keys.items() if k not in ("model", "optimizer", "rng")}

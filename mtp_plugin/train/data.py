@@ -1,0 +1,93 @@
+"""Batches from Megatron indexed datasets through Megatron-Core's GPTDataset.
+
+The sample order is a pure function of (seed, dataset, sequence length): iteration `it` reads samples
+[it * global_batch, (it + 1) * global_batch) of the train split; each data-parallel rank takes a
+`micro_batch_size` slice of every `micro_batch_size x dp` block, as Megatron-LM's
+MegatronPretrainingSampler does. The data position of a run is therefore just its consumed samples,
+which makes resuming exact. Every evaluation scores the same first `eval_iters` global batches of the
+validation split, so validation losses are comparable across a run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from mtp_plugin.config import DataConfig, ModelConfig, TrainingConfig
+
+
+@dataclass(frozen=True)
+class _TokenInfo:
+    """What GPTDataset asks of a tokenizer: the EOD id and the vocabulary size (no text is tokenized here)."""
+
+    eod: int
+    vocab_size: int
+
+    @property
+    def unique_identifiers(self) -> dict:
+        # Part of GPTDataset's cache key for its sample indices.
+        return {"class": "IndexedTokens", "eod": self.eod, "vocab_size": self.vocab_size}
+
+
+def build_datasets(
+    data: DataConfig, model: ModelConfig, training: TrainingConfig, *, seed: int
+) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:
+    """Build (train, valid) GPTDatasets; call on every rank after torch.distributed is initialised."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    num_train = training.train_iters * training.global_batch_size
+    num_valid = training.eval_iters * training.global_batch_size if data.has_validation else 0
+    split_kwargs: dict = {}
+    if data.prefix:
+        split_kwargs = dict(blend=([data.prefix], None), split=data.split)
+    else:
+        split_kwargs = dict(
+            blend_per_split=[
+                ([data.train_prefix], None),
+                ([data.valid_prefix], None) if data.valid_prefix else None,
+                None,
+            ]
+        )
+    config = GPTDatasetConfig(
+        random_seed=seed,
+        sequence_length=model.seq_length,
+        tokenizer=_TokenInfo(eod=data.eod_id, vocab_size=model.vocab_size),
+        reset_position_ids=data.reset_position_ids,
+        reset_attention_mask=data.reset_attention_mask,
+        eod_mask_loss=data.eod_mask_loss,
+        # Only per-document attention needs an explicit mask; otherwise the causal mask is implicit.
+        create_attention_mask=data.reset_attention_mask,
+        path_to_cache=data.cache_dir,
+        **split_kwargs,
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [num_train, num_valid, 0], lambda: True, config
+    ).build()
+    return train, (valid if num_valid else None)
+
+
+def _collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor | None]:
+    batch = {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+    batch.setdefault("attention_mask", None)
+    return batch
+
+
+def micro_batches(
+    dataset,
+    *,
+    first_sample: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    device: torch.device,
+) -> Iterator[dict[str, torch.Tensor | None]]:
+    """This rank's micro-batches of the global batch that starts at sample `first_sample`."""
+    step = micro_batch_size * dp_size
+    for start in range(first_sample, first_sample + global_batch_size, step):
+        lo = start + dp_rank * micro_batch_size
+        batch = _collate([dataset[i % len(dataset)] for i in range(lo, lo + micro_batch_size)])
+        yield {k: (v.to(device, non_blocking=True) if v is not None else None) for k, v in batch.items()}

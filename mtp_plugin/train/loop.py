@@ -1,0 +1,468 @@
+"""A lean training loop on megatron.core: the plugin's MTP GPT model, Megatron DDP and optimizer.
+
+    trainer = Trainer(cfg)       # cfg: ExperimentConfig; torch.distributed already initialised
+    trainer.setup()              # model-parallel groups, model, DDP, optimizer, data, resume
+    result = trainer.train()     # steps, logs, evaluations, checkpoints, the loss plot
+    trainer.close()
+
+One iteration: `get_forward_backward_func()` runs the global batch's micro-batches through this
+pipeline stage with `mtp_forward_step` (λ from the schedule at the tokens consumed so far), Megatron
+DDP reduces the gradients (`finalize_model_grads`), the Megatron optimizer steps and
+`OptimizerParamScheduler` sets the next learning rate. The per-depth metrics are a `MTPMetrics` owned
+here and reduced across data-parallel ranks each step; the last rank logs them (Megatron-LM's
+`print_rank_last` convention). A non-finite loss at any depth on any rank stops every rank before the
+optimizer step, so neither the weights nor the last checkpoint see it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from mtp_plugin.config import ExperimentConfig
+from mtp_plugin.core.schedules import schedule_state_dict
+from mtp_plugin.megatron import (
+    MTPMetrics,
+    build_mtp_gpt_model,
+    check_supported,
+    mtp_forward_step,
+    transformer_config_from,
+)
+from mtp_plugin.train import checkpoint as ckpt
+from mtp_plugin.train import data as train_data
+from mtp_plugin.train import logs
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss at some depth was NaN or Inf; raised on every rank, naming where it happened first."""
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves behind. Histories are filled on the logging (last) rank only."""
+
+    iterations: int = 0
+    consumed_tokens: int = 0
+    train_history: list[dict[str, float]] = field(default_factory=list)  # one entry per iteration
+    valid_history: list[dict[str, float]] = field(default_factory=list)
+    last_checkpoint: str | None = None
+    plot_path: str | None = None
+    wall_s: float = 0.0
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, *, print_fn: Callable[[str], None] | None = None) -> None:
+        if not torch.distributed.is_initialized():
+            raise RuntimeError("Trainer needs torch.distributed initialised (see mtp_plugin.train.launch)")
+        self.cfg = cfg
+        self.world_size = torch.distributed.get_world_size()
+        self.rank = torch.distributed.get_rank()
+        self.dp_size = cfg.check_world_size(self.world_size)
+        self.num_micro_batches = cfg.training.num_micro_batches(self.dp_size)
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        self.is_logging_rank = self.rank == self.world_size - 1
+        self._print = print_fn or functools.partial(print, flush=True)
+        self.schedule = cfg.mtp.lambda_schedule.build()
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.result = TrainResult()
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg, par, tr = self.cfg, self.cfg.parallel, self.cfg.training
+        plan = check_supported(cfg.model, par, cfg.mtp)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=par.tensor_model_parallel_size,
+            pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+            expert_model_parallel_size=par.expert_model_parallel_size,
+            context_parallel_size=par.context_parallel_size,
+            # Every stage holding a copy of the word embedding (stage 0, the MTP stage, a tied head)
+            # joins the group whose gradients finalize_model_grads sums.
+            get_embedding_ranks=plan.embedding_ranks_fn(
+                tied_head=not cfg.model.untie_embeddings_and_output_weights
+            ),
+        )
+        self.dp_group = ps.get_data_parallel_group()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.is_first_stage = ps.is_pipeline_first_stage()
+        self.is_last_stage = ps.is_pipeline_last_stage()
+        torch.manual_seed(tr.seed)
+        # The inference tracker keeps per-region RNG states without asserting CUDA, so CPU runs work.
+        tensor_parallel.model_parallel_cuda_manual_seed(
+            tr.seed, inference_rng_tracker=self.device.type == "cpu"
+        )
+
+        params_dtype = _dtype(cfg.backend.params_dtype)
+        self.tf_config = transformer_config_from(
+            cfg.model,
+            par,
+            cfg.mtp,
+            params_dtype=params_dtype,
+        )
+        model = build_mtp_gpt_model(
+            cfg.model,
+            cfg.mtp,
+            self.tf_config,
+            pre_process=self.is_first_stage,
+            post_process=self.is_last_stage,
+            eod_id=cfg.data.eod_id,
+        )
+        model.to(self.device)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.backend.use_distributed_optimizer,
+        )
+        self.model = model
+        self.ddp = DistributedDataParallel(self.tf_config, ddp_config, module=model)
+        self.ddp.broadcast_params()  # identical replicas whatever each rank's initialisation did
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=tr.lr,
+            min_lr=tr.min_lr,
+            weight_decay=tr.weight_decay,
+            adam_beta1=tr.adam_beta1,
+            adam_beta2=tr.adam_beta2,
+            adam_eps=tr.adam_eps,
+            clip_grad=tr.clip_grad,
+            bf16=params_dtype == torch.bfloat16,
+            params_dtype=params_dtype,
+            use_distributed_optimizer=cfg.backend.use_distributed_optimizer,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, [self.ddp])
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=tr.lr,
+            min_lr=tr.min_lr,
+            lr_warmup_steps=tr.lr_warmup_iters,
+            lr_decay_steps=tr.train_iters,
+            lr_decay_style=tr.lr_decay_style,
+            start_wd=tr.weight_decay,
+            end_wd=tr.weight_decay,
+            wd_incr_steps=tr.train_iters,
+            wd_incr_style="constant",
+        )
+        self.tf_config.no_sync_func = self.ddp.no_sync
+        self.tf_config.finalize_model_grads_func = finalize_model_grads
+        self.tf_config.grad_scale_func = self.optimizer.scale_loss
+
+        self.train_ds, self.valid_ds = train_data.build_datasets(cfg.data, cfg.model, tr, seed=tr.seed)
+        self.metrics = MTPMetrics(cfg.mtp.num_depths)
+        self.valid_metrics = MTPMetrics(cfg.mtp.num_depths)
+        self._broadcast_output_dirs()
+        self._maybe_resume()
+
+    def _broadcast_output_dirs(self) -> None:
+        # Each torchrun rank composed its own config; time-stamped Hydra directories can differ by a
+        # second between ranks, and all ranks must write one checkpoint. Rank 0's paths win.
+        tr = self.cfg.training
+        paths = [tr.save_dir, tr.load_dir, tr.tensorboard_dir]
+        torch.distributed.broadcast_object_list(paths, src=0)
+        tr.save_dir, tr.load_dir, tr.tensorboard_dir = paths
+
+    def _maybe_resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.cfg.training.load_dir)
+        if path is None:
+            return
+        common = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        self.scheduler.load_state_dict(common["scheduler"])
+        self.iteration = int(common["iteration"])
+        self.consumed_samples = int(common["consumed_samples"])
+        if self.is_logging_rank:
+            self._print(
+                f" loaded checkpoint {path} at iteration {self.iteration} "
+                f"(consumed tokens {self.consumed_tokens})"
+            )
+
+    @property
+    def consumed_tokens(self) -> int:
+        return self.consumed_samples * self.cfg.model.seq_length
+
+    # ------------------------------------------------------------------ steps
+
+    def _forward_backward(self, dataset, metrics, first_sample: int, lam: float, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        tr = self.cfg.training
+        batches = train_data.micro_batches(
+            dataset,
+            first_sample=first_sample,
+            global_batch_size=tr.global_batch_size,
+            micro_batch_size=tr.micro_batch_size,
+            dp_rank=self.dp_rank,
+            dp_size=self.dp_size,
+            device=self.device,
+        )
+        step = functools.partial(
+            mtp_forward_step, metrics=metrics, lam=lam, depth_weights=self.cfg.mtp.weights or None
+        )
+        get_forward_backward_func()(
+            forward_step_func=step,
+            data_iterator=batches,
+            model=[self.ddp],
+            num_microbatches=self.num_micro_batches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=tr.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _local_nonfinite(self, metrics) -> list[str]:
+        """Names of this rank's non-finite per-depth losses this step (empty off the last stage)."""
+        if not self.is_last_stage:
+            return []
+        sums = [metrics.main_loss_sum, *metrics.depth_loss_sums]
+        names = ["lm loss"] + [f"mtp_{k} loss" for k in range(1, self.cfg.mtp.num_depths + 1)]
+        return [name for name, value in zip(names, sums) if not math.isfinite(value)]
+
+    def _check_finite(self, metrics, what: str) -> None:
+        bad = self._local_nonfinite(metrics)
+        flag = torch.tensor([1.0 if bad else 0.0])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() == 0:
+            return
+        reports: list[list[str] | None] = [None] * self.world_size
+        torch.distributed.all_gather_object(reports, bad)
+        where = "; ".join(f"rank {r}: {', '.join(names)}" for r, names in enumerate(reports) if names)
+        raise NonFiniteLossError(
+            f"non-finite loss at iteration {self.iteration + 1} ({what}) — {where}; the step was not applied "
+            f"and the last checkpoint is untouched; lower training.lr or resume from training.load_dir"
+        )
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns the step's reduced metrics on last-stage ranks (else {})."""
+        tr = self.cfg.training
+        lam = self.schedule(self.consumed_tokens)
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.metrics.reset()
+        self._forward_backward(self.train_ds, self.metrics, self.consumed_samples, lam, forward_only=False)
+        self._check_finite(self.metrics, "training")
+        _, grad_norm, _ = self.optimizer.step()
+        if grad_norm is None:  # no clipping configured: the norm is still worth logging
+            grad_norm = self.optimizer.get_grad_norm()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step(increment=1)
+        self.iteration += 1
+        self.consumed_samples += tr.global_batch_size
+        values = self.metrics.reduce(self.dp_group) if self.is_last_stage else {}
+        return {**values, "mtp lambda": lam, "learning rate": lr, "grad norm": float(grad_norm)}
+
+    def evaluate(self) -> dict[str, float]:
+        """Forward-only pass over the fixed validation batches; returns reduced metrics on the last stage."""
+        if self.valid_ds is None:
+            return {}
+        self.ddp.eval()
+        self.valid_metrics.reset()
+        lam = self.schedule(self.consumed_tokens)
+        with torch.no_grad():
+            for i in range(self.cfg.training.eval_iters):
+                first = i * self.cfg.training.global_batch_size
+                self._forward_backward(self.valid_ds, self.valid_metrics, first, lam, forward_only=True)
+        self.ddp.train()
+        self._check_finite(self.valid_metrics, "validation")
+        return self.valid_metrics.reduce(self.dp_group) if self.is_last_stage else {}
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(
+            self.cfg.training.save_dir,
+            self.iteration,
+            model=self.model,
+            optimizer=self.optimizer,
+            common={
+                "scheduler": self.scheduler.state_dict(),
+                "consumed_samples": self.consumed_samples,
+                "consumed_tokens": self.consumed_tokens,
+                "lambda_schedule": schedule_state_dict(self.schedule),
+                "lambda": self.schedule(self.consumed_tokens),
+                "config": asdict(self.cfg),
+            },
+        )
+        self.result.last_checkpoint = str(path)
+        if self.is_logging_rank:
+            self._print(f" saved checkpoint {path} at iteration {self.iteration}")
+        return path
+
+    # ------------------------------------------------------------------ the run
+
+    def _progress_bar(self):
+        mode = self.cfg.training.progress_bar
+        show = mode == "on" or (mode == "auto" and sys.stdout.isatty())
+        if not (show and self.is_logging_rank):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=self.cfg.training.train_iters,
+            initial=self.iteration,
+            unit="it",
+            dynamic_ncols=True,
+            leave=False,
+        )
+
+    def train(self, *, stop_at: int | None = None) -> TrainResult:
+        """Train to `training.train_iters`, or stop after iteration `stop_at` (saving there if a
+        save_dir is set), e.g. to end within a job's time limit and resume in the next job."""
+        tr = self.cfg.training
+        end = tr.train_iters if stop_at is None else min(stop_at, tr.train_iters)
+        metric_names = logs.metric_names(self.cfg.mtp.num_depths)
+        writer = logs.ScalarWriter(tr.tensorboard_dir if self.is_logging_rank else None)
+        bar = self._progress_bar()
+        start = time.perf_counter()
+        interval: list[dict[str, float]] = []
+        interval_start = time.perf_counter()
+        last_eval = last_save = -1
+        try:
+            while self.iteration < end:
+                step = self.train_step()
+                interval.append(step)
+                if self.is_logging_rank:
+                    self.result.train_history.append({"iteration": float(self.iteration), **step})
+                    writer.add(
+                        {
+                            k: step[k]
+                            for k in (*metric_names, "mtp lambda", "learning rate", "grad norm")
+                            if k in step
+                        },
+                        self.iteration,
+                    )
+                if bar is not None:
+                    bar.update(1)
+                    if "lm loss" in step:
+                        bar.set_postfix_str(f"lm loss {step['lm loss']:.3f}")
+                if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
+                    elapsed = time.perf_counter() - interval_start
+                    self._log_interval(interval, elapsed, metric_names, bar)
+                    interval, interval_start = [], time.perf_counter()
+                if tr.eval_interval and self.iteration % tr.eval_interval == 0:
+                    self._run_eval(writer, bar)
+                    last_eval = self.iteration
+                if tr.save_interval and self.iteration % tr.save_interval == 0:
+                    self.save()
+                    last_save = self.iteration
+            if tr.eval_interval and last_eval != self.iteration and self.iteration == tr.train_iters:
+                self._run_eval(writer, bar)
+            if tr.save_dir and last_save != self.iteration:
+                self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            writer.close()
+        self.result.iterations = self.iteration
+        self.result.consumed_tokens = self.consumed_tokens
+        self.result.wall_s = time.perf_counter() - start
+        if self.is_logging_rank and tr.tensorboard_dir and self.result.train_history:
+            path = logs.plot_loss_curves(
+                self.result.train_history,
+                self.result.valid_history,
+                self.cfg.mtp.num_depths,
+                Path(tr.tensorboard_dir) / "loss_curves.png",
+            )
+            self.result.plot_path = str(path)
+            self._print(f" wrote per-depth loss curves to {path}")
+        return self.result
+
+    def _emit(self, line: str, bar) -> None:
+        if bar is not None:
+            bar.write(line)
+        else:
+            self._print(line)
+
+    def _log_interval(self, interval, elapsed_s: float, metric_names, bar) -> None:
+        if not self.is_logging_rank or not interval:
+            return
+        n = len(interval)
+        averaged = {k: sum(s[k] for s in interval) / n for k in metric_names if k in interval[-1]}
+        tokens = n * self.cfg.tokens_per_iteration
+        line = logs.format_train_line(
+            iteration=self.iteration,
+            train_iters=self.cfg.training.train_iters,
+            consumed_tokens=self.consumed_tokens,
+            ms_per_iter=1000.0 * elapsed_s / n,
+            tokens_per_second=tokens / max(elapsed_s, 1e-9),
+            lr=interval[-1]["learning rate"],
+            global_batch_size=self.cfg.training.global_batch_size,
+            metrics=averaged,
+            lam=interval[-1]["mtp lambda"],
+            grad_norm=interval[-1]["grad norm"],
+        )
+        self._emit(line, bar)
+
+    def _run_eval(self, writer, bar) -> None:
+        values = self.evaluate()
+        if self.is_logging_rank and values:
+            self.result.valid_history.append({"iteration": float(self.iteration), **values})
+            writer.add(values, self.iteration, suffix=" validation")
+            self._emit(logs.format_validation_line(self.iteration, values), bar)
+
+    def close(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()
+
+
+# ---------------------------------------------------------------------- launch
+
+
+def init_distributed() -> bool:
+    """Initialise torch.distributed from torchrun's environment, or as a single process.
+
+    NCCL when CUDA is present, gloo otherwise. Returns True if this call created the process group.
+    """
+    if torch.distributed.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
+        torch.distributed.init_process_group(backend)
+    else:
+        # A plain `python -m mtp_plugin.train`: a one-rank group over an in-memory store.
+        torch.distributed.init_process_group(
+            backend, store=torch.distributed.HashStore(), rank=0, world_size=1
+        )
+    return True
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def run(cfg: ExperimentConfig, *, print_fn: Callable[[str], None] | None = None) -> TrainResult:
+    """Train `cfg` in this process (one rank of a torchrun job, or alone), then tear down."""
+    created = init_distributed()
+    trainer = Trainer(cfg, print_fn=print_fn)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.close()
+        if created:
+            torch.distributed.destroy_process_group()

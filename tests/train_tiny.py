@@ -1,0 +1,103 @@
+"""A tiny learnable corpus and experiment for the training-loop tests (tests/train, tests/distributed).
+
+Documents draw tokens from the first 64 ids of a 512-id vocabulary with a strong bigram structure, so
+the main loss and every MTP depth's loss fall within a few steps of a tiny model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 512
+EOD = VOCAB - 1
+
+
+def write_tiny_corpus(directory: str | Path, *, num_docs: int = 200, seed: int = 0) -> tuple[str, str]:
+    """Write train/valid indexed datasets under `directory`; return their prefixes."""
+    from mtp_plugin.data import write_indexed_dataset
+
+    rng = np.random.default_rng(seed)
+    successor = rng.integers(0, 64, size=64)  # each token's likely next token
+    docs = []
+    for _ in range(num_docs):
+        length = int(rng.integers(24, 120))
+        doc = [int(rng.integers(0, 64))]
+        for _ in range(length - 1):
+            doc.append(int(successor[doc[-1]]) if rng.random() < 0.8 else int(rng.integers(0, 64)))
+        docs.append(doc)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    train, valid = str(directory / "train_text_document"), str(directory / "valid_text_document")
+    write_indexed_dataset(train, docs[20:], eod_id=EOD, vocab_size=VOCAB)
+    write_indexed_dataset(valid, docs[:20], eod_id=EOD, vocab_size=VOCAB)
+    return train, valid
+
+
+# Hydra overrides that shrink the toy model onto the tiny corpus (CLI form).
+TINY_MODEL_OVERRIDES = [
+    "model.num_layers=2",
+    "model.hidden_size=32",
+    "model.num_attention_heads=4",
+    "model.ffn_hidden_size=64",
+    "model.seq_length=32",
+    f"model.vocab_size={VOCAB}",
+    "model.num_experts=4",
+    "model.moe_ffn_hidden_size=32",
+    "model.moe_shared_expert_size=32",
+    "model.first_dense_layers=1",
+    f"data.eod_id={EOD}",
+]
+
+
+def tiny_experiment(train_prefix: str, valid_prefix: str | None, *, pp: int = 1, **training):
+    """ExperimentConfig of a 2-layer MoE (first dense) with D=2 on the tiny corpus."""
+    from mtp_plugin.config import (
+        DataConfig,
+        ExperimentConfig,
+        LambdaScheduleConfig,
+        ModelConfig,
+        MTPConfig,
+        ParallelConfig,
+        TrainingConfig,
+    )
+
+    defaults = dict(
+        train_iters=6,
+        global_batch_size=4,
+        micro_batch_size=2,
+        lr=3e-3,
+        min_lr=3e-4,
+        lr_warmup_iters=1,
+        eval_interval=0,
+        log_interval=1,
+        progress_bar="off",
+    )
+    defaults.update(training)
+    return ExperimentConfig(
+        name="tiny",
+        model=ModelConfig(
+            num_layers=2,
+            hidden_size=32,
+            num_attention_heads=4,
+            ffn_hidden_size=64,
+            seq_length=32,
+            vocab_size=VOCAB,
+            num_experts=4,
+            moe_ffn_hidden_size=32,
+            moe_shared_expert_size=32,
+            first_dense_layers=1,
+            moe_token_dispatcher_type="alltoall",
+        ),
+        mtp=MTPConfig(
+            num_depths=2,
+            # The switch lands mid-run, so a resume must restore λ from the consumed tokens exactly.
+            lambda_schedule=LambdaScheduleConfig(
+                kind="piecewise", boundaries_tokens=[3 * 4 * 32], values=[0.3, 0.1]
+            ),
+        ),
+        parallel=ParallelConfig(pipeline_model_parallel_size=pp),
+        training=TrainingConfig(**defaults),
+        data=DataConfig(train_prefix=train_prefix, valid_prefix=valid_prefix, eod_id=EOD),
+    )
