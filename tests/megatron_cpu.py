@@ -18,49 +18,8 @@ import importlib
 from typing import Any
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 _INSTALLED = False
-_CUDA_MODE: _CudaToCpuMode | None = None
-
-
-def _is_cuda_device(device: Any) -> bool:
-    if isinstance(device, torch.device):
-        return device.type == "cuda"
-    if isinstance(device, str):
-        return device.startswith("cuda")
-    return False
-
-
-class _CudaToCpuMode(TorchFunctionMode):
-    """Maps `device="cuda"` to CPU and makes `.cuda()` a no-op.
-
-    Needed for pp>1: schedules.py allocates `torch.zeros(..., device="cuda")` and
-    LanguageModule.setup_embeddings_and_output_layer calls `weight.data.cuda()`. Costs ~60% step
-    time on tiny models; fine for tests.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs["device"] = "cpu"
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        return func(*args, **kwargs)
-
-
-class _NoStream:
-    """Stand-in for a CUDA stream: the alltoall dispatcher's side stream and, from megatron-core 0.19,
-    DDP's `torch.cuda.current_stream().wait_event(...)` before a gradient reduction. CPU ops are
-    synchronous, so waiting is a no-op."""
-
-    def wait_event(self, event) -> None:
-        pass
-
-    def wait_stream(self, stream) -> None:
-        pass
 
 
 def _alltoall_dtoh_cpu(self, point: str, tokens_per_expert: torch.Tensor | None = None):
@@ -77,38 +36,35 @@ def _alltoall_dtoh_cpu(self, point: str, tokens_per_expert: torch.Tensor | None 
     return tokens_per_expert
 
 
+class _NoStream:
+    """Stand-in for the alltoall dispatcher's side CUDA stream (never used on CPU)."""
+
+
 def install_cpu_shims(*, cuda_to_cpu_mode: bool = True) -> None:
     """Apply the CPU shims in this process (idempotent). Call before building any model.
 
-    - `torch.cuda.current_device()` returns "cpu" (Megatron passes it as `device=` in the global
-      memory buffer, RoPE, MTP tracker, p2p receive buffers).
-    - `torch.cuda.synchronize()` is a no-op (pp>1 p2p after batched isend/irecv).
-    - optional TorchFunctionMode mapping cuda -> cpu (needed for pp>1 schedules).
-    - `moe_utils.te_general_gemm = None` (0.16.1 without TransformerEngine raises NameError).
-    - alltoall token dispatcher: no CUDA stream; split sizes converted to numpy.
+    - the product's torch-level CPU mode (`mtp_plugin.train.cpu.enable_megatron_on_cpu`: CUDA device,
+      stream and synchronize queries answered by the CPU; `device="cuda"` mapped to CPU);
+    - the plugin's megatron-core 0.16.1 router fix (`mtp_plugin.megatron.compat`), for native models;
+    - test-only, on Megatron's alltoall dispatcher: split sizes converted to numpy with no CUDA stream,
+      so that tests can exercise the alltoall dispatcher on CPU.
     """
-    global _INSTALLED, _CUDA_MODE
+    global _INSTALLED
     if _INSTALLED:
         return
-    torch.cuda.current_device = lambda: "cpu"
-    # p2p_communication calls it after batch_isend_irecv (config.batch_p2p_sync); CPU ops are
-    # already complete when .wait() returns.
-    torch.cuda.synchronize = lambda device=None: None
-    torch.cuda.current_stream = lambda device=None: _NoStream()
+    from mtp_plugin.train.cpu import enable_megatron_on_cpu
 
-    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
+    del cuda_to_cpu_mode  # always on: pp>1 schedules allocate on "cuda"
+    enable_megatron_on_cpu()
+    # Native GPTModels built by the tests need the same 0.16.1 fix the plugin's model applies.
+    from mtp_plugin.megatron.compat import ensure_moe_router_without_te
 
+    ensure_moe_router_without_te()
     dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
     alltoall = dispatcher.MoEAlltoAllTokenDispatcher
     if getattr(alltoall, "cuda_dtoh_stream", None) is None:
         alltoall.cuda_dtoh_stream = _NoStream()
     alltoall._maybe_dtoh_and_synchronize = _alltoall_dtoh_cpu
-
-    if cuda_to_cpu_mode:
-        _CUDA_MODE = _CudaToCpuMode()
-        _CUDA_MODE.__enter__()
     _INSTALLED = True
 
 

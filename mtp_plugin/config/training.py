@@ -35,6 +35,8 @@ class TrainingConfig:
       a missing `latest` pointer there means "start fresh".
     tensorboard_dir: TensorBoard event files and the per-depth loss plot (None: neither).
     progress_bar: "auto" (a tqdm bar when stdout is a terminal), "on", or "off".
+    peak_tflops_per_device: the accelerator's peak (e.g. 989 for an H100's dense bf16) for MFU in the log
+      line; 0 leaves MFU out.
     """
 
     train_iters: int = 100
@@ -58,6 +60,7 @@ class TrainingConfig:
     seed: int = 1234
     tensorboard_dir: str | None = None
     progress_bar: str = "auto"
+    peak_tflops_per_device: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("train_iters", "global_batch_size", "micro_batch_size", "log_interval"):

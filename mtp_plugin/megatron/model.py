@@ -39,6 +39,7 @@ from megatron.core.utils import make_viewless_tensor
 
 from mtp_plugin.config import ModelConfig, MTPConfig
 from mtp_plugin.core import MTPDepth, MTPStack, depth_targets, linear_cross_entropy, shift_left
+from mtp_plugin.megatron.compat import ensure_moe_router_without_te
 
 
 class MTPProjection(MegatronModule):
@@ -127,6 +128,8 @@ class MTPGPTModel(GPTModel):
         vp_stage: int | None = None,
         **gpt_kwargs,
     ) -> None:
+        if config.num_moe_experts:
+            ensure_moe_router_without_te()
         super().__init__(
             config=config,
             transformer_layer_spec=transformer_layer_spec,

@@ -51,6 +51,15 @@ class MTPMetrics:
                 self.depth_num_tokens[k] += float(depth_counts[k, 0])
                 self.depth_num_correct[k] += float(depth_counts[k, 1])
 
+    def merge(self, other: MTPMetrics) -> None:
+        """Add another window's sums (e.g. one step's) into this one."""
+        self.main_loss_sum += other.main_loss_sum
+        self.main_num_tokens += other.main_num_tokens
+        for k in range(self.num_depths):
+            self.depth_loss_sums[k] += other.depth_loss_sums[k]
+            self.depth_num_tokens[k] += other.depth_num_tokens[k]
+            self.depth_num_correct[k] += other.depth_num_correct[k]
+
     def as_tensor(self) -> torch.Tensor:
         return torch.tensor(
             [

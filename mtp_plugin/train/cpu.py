@@ -1,17 +1,19 @@
 """Run Megatron-Core on a machine without CUDA (the CPU demo and CPU smoke runs).
 
-Megatron-Core hard-codes CUDA in a few places that a CPU run reaches: `torch.cuda.current_device()`
-as a `device=` (memory buffer, RoPE, DDP grad buffers), `torch.zeros(..., device="cuda")` in the
-pipeline schedules and the FP32 optimizer, `weight.data.cuda()` for the pipeline-tied embedding, and
-(0.16.1 without TransformerEngine) a missing `te_general_gemm` name. `enable_megatron_on_cpu()` maps
-those to CPU. The training entry point calls it only when `torch.cuda.is_available()` is false; a GPU
-run never touches Megatron or torch. It is process-wide and cannot be undone (a CPU process has no
-CUDA to go back to).
+Megatron-Core reaches for CUDA in a few places a CPU run passes through: `torch.cuda.current_device()`
+as a `device=` (memory buffer, RoPE, DDP grad buffers), `torch.cuda.current_stream()` before a DDP
+gradient reduction (0.19), `torch.zeros(..., device="cuda")` in the pipeline schedules and the FP32
+optimizer, `weight.data.cuda()` for the pipeline-tied embedding. `enable_megatron_on_cpu()` answers
+those at the torch level only (it touches no Megatron module): CUDA device queries return the CPU, and
+a TorchFunctionMode maps `device="cuda"` / `.cuda()` to the CPU. The training entry point calls it only
+when `torch.cuda.is_available()` is false, so a GPU run never sees it. It is process-wide.
+
+The alltoall token dispatcher needs a CUDA stream for its split sizes, so CPU runs use the allgather
+dispatcher (`check_cpu_run` says so before anything is built).
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 import torch
@@ -40,19 +42,23 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _alltoall_dtoh_cpu(self, point: str, tokens_per_expert: torch.Tensor | None = None):
-    # Upstream copies the all-to-all split sizes to host on a side CUDA stream and converts them to
-    # numpy; on CPU only the conversion is left.
-    if not self.drop_and_pad and point == self.cuda_dtoh_point:
-        for name in ("input_splits", "output_splits", "output_splits_tp"):
-            value = getattr(self, name, None)
-            if torch.is_tensor(value):
-                setattr(self, name, value.cpu().numpy())
-    return tokens_per_expert
+class _CpuStream:
+    """What `torch.cuda.current_stream()` returns on CPU: CPU ops are synchronous, waiting is a no-op."""
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
 
 
-class _NoStream:
-    """Placeholder for the alltoall dispatcher's `torch.cuda.Stream` (never used on CPU)."""
+def check_cpu_run(model_cfg) -> None:
+    """Reject, before any work, what cannot run on CPU."""
+    if model_cfg.is_moe and model_cfg.moe_token_dispatcher_type == "alltoall":
+        raise ValueError(
+            "model.moe_token_dispatcher_type=alltoall needs CUDA streams; use "
+            "model.moe_token_dispatcher_type=allgather on CPU"
+        )
 
 
 def enable_megatron_on_cpu() -> None:
@@ -64,16 +70,6 @@ def enable_megatron_on_cpu() -> None:
         raise RuntimeError("enable_megatron_on_cpu() is for machines without CUDA; this one has a GPU")
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
-
-    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-    dispatcher = importlib.import_module(
-        "megatron.core.transformer.moe.token_dispatcher"
-    ).MoEAlltoAllTokenDispatcher
-    if getattr(dispatcher, "cuda_dtoh_stream", None) is None:
-        dispatcher.cuda_dtoh_stream = _NoStream()
-    dispatcher._maybe_dtoh_and_synchronize = _alltoall_dtoh_cpu
-
+    torch.cuda.current_stream = lambda device=None: _CpuStream()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()

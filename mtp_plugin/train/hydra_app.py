@@ -119,6 +119,10 @@ def validate_for_launch(experiment: ExperimentConfig, *, world_size: int, cuda: 
                 f"training.clip_grad={experiment.training.clip_grad}: Megatron's gradient clipping needs CUDA "
                 "tensors; set training.clip_grad=0 on CPU (the grad norm is still logged)"
             )
+        if not cuda:
+            from mtp_plugin.train.cpu import check_cpu_run
+
+            check_cpu_run(experiment.model)
         if not cuda and experiment.backend.params_dtype != "float32":
             raise ValueError(
                 "backend.params_dtype=bfloat16 needs a GPU; use backend.params_dtype=float32 on CPU"

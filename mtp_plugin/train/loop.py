@@ -31,6 +31,7 @@ from mtp_plugin.config import ExperimentConfig
 from mtp_plugin.core.schedules import schedule_state_dict
 from mtp_plugin.megatron import (
     MTPMetrics,
+    RhoMeter,
     build_mtp_gpt_model,
     check_supported,
     mtp_forward_step,
@@ -45,6 +46,10 @@ class NonFiniteLossError(RuntimeError):
     """A loss at some depth was NaN or Inf; raised on every rank, naming where it happened first."""
 
 
+# Cluster ρ fields carried into the log line and TensorBoard (the meter computes more; see docs/rho_meter.md).
+RHO_LOG_FIELDS = ("rho_ceiling bits/GFLOP", "rho_effective bits/GFLOP", "TFLOP/s/GPU", "MFU")
+
+
 @dataclass
 class TrainResult:
     """What a run leaves behind. Histories are filled on the logging (last) rank only."""
@@ -53,6 +58,7 @@ class TrainResult:
     consumed_tokens: int = 0
     train_history: list[dict[str, float]] = field(default_factory=list)  # one entry per iteration
     valid_history: list[dict[str, float]] = field(default_factory=list)
+    rho_history: list[dict[str, float]] = field(default_factory=list)  # one entry per log interval
     last_checkpoint: str | None = None
     plot_path: str | None = None
     wall_s: float = 0.0
@@ -177,6 +183,11 @@ class Trainer:
         self.train_ds, self.valid_ds = train_data.build_datasets(cfg.data, cfg.model, tr, seed=tr.seed)
         self.metrics = MTPMetrics(cfg.mtp.num_depths)
         self.valid_metrics = MTPMetrics(cfg.mtp.num_depths)
+        # ρ: FLOPs this rank executed and bits it scored, summed over the cluster once per log interval.
+        self.window_metrics = MTPMetrics(cfg.mtp.num_depths)
+        self.rho_meter = RhoMeter(
+            cfg.model, cfg.mtp, cfg.parallel, peak_tflops=tr.peak_tflops_per_device or None
+        ).attach([self.ddp])
         self._broadcast_output_dirs()
         self._maybe_resume()
 
@@ -265,6 +276,8 @@ class Trainer:
         self.metrics.reset()
         self._forward_backward(self.train_ds, self.metrics, self.consumed_samples, lam, forward_only=False)
         self._check_finite(self.metrics, "training")
+        self.rho_meter.end_step()
+        self.window_metrics.merge(self.metrics)
         _, grad_norm, _ = self.optimizer.step()
         if grad_norm is None:  # no clipping configured: the norm is still worth logging
             grad_norm = self.optimizer.get_grad_norm()
@@ -359,7 +372,17 @@ class Trainer:
                         bar.set_postfix_str(f"lm loss {step['lm loss']:.3f}")
                 if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
                     elapsed = time.perf_counter() - interval_start
-                    self._log_interval(interval, elapsed, metric_names, bar)
+                    # Every rank joins the meter's one all-reduce; only the logging rank prints.
+                    rho = self.rho_meter.reduce(metrics=self.window_metrics, elapsed_s=elapsed)
+                    self.rho_meter.reset()
+                    self.window_metrics.reset()
+                    if self.is_logging_rank:
+                        rho_fields = {k: rho[k] for k in RHO_LOG_FIELDS if k in rho}
+                        writer.add(rho_fields, self.iteration)
+                        self.result.rho_history.append({"iteration": float(self.iteration), **rho})
+                    else:
+                        rho_fields = {}
+                    self._log_interval(interval, elapsed, metric_names, bar, rho_fields)
                     interval, interval_start = [], time.perf_counter()
                 if tr.eval_interval and self.iteration % tr.eval_interval == 0:
                     self._run_eval(writer, bar)
@@ -395,7 +418,7 @@ class Trainer:
         else:
             self._print(line)
 
-    def _log_interval(self, interval, elapsed_s: float, metric_names, bar) -> None:
+    def _log_interval(self, interval, elapsed_s: float, metric_names, bar, rho_fields) -> None:
         if not self.is_logging_rank or not interval:
             return
         n = len(interval)
@@ -409,7 +432,7 @@ class Trainer:
             tokens_per_second=tokens / max(elapsed_s, 1e-9),
             lr=interval[-1]["learning rate"],
             global_batch_size=self.cfg.training.global_batch_size,
-            metrics=averaged,
+            metrics={**averaged, **rho_fields},
             lam=interval[-1]["mtp lambda"],
             grad_norm=interval[-1]["grad norm"],
         )

@@ -41,10 +41,17 @@ def _tp_worker(chunk_tokens: int, tied: bool):
         micro_batch_size=2,
     )
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("mtp_stack.")}
-    return {"tp_rank": ps.get_tensor_model_parallel_rank(), "losses": losses, "metrics": metrics.reduce(), "grads": grads}
+    return {
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "losses": losses,
+        "metrics": metrics.reduce(),
+        "grads": grads,
+    }
 
 
-@pytest.mark.parametrize(("chunk_tokens", "tied"), [(0, False), (6, True)], ids=["plain-untied", "chunked-tied"])
+@pytest.mark.parametrize(
+    ("chunk_tokens", "tied"), [(0, False), (6, True)], ids=["plain-untied", "chunked-tied"]
+)
 def test_tp2_matches_tp1(chunk_tokens, tied):
     (ref,) = run_distributed(_tp_worker, 1, chunk_tokens, tied, parallel=dict(), timeout=180)
     tp = run_distributed(

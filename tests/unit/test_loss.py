@@ -29,7 +29,9 @@ class _Model(nn.Module):
         self.emb = nn.Embedding(V, H)
         self.trunk = nn.Linear(H, H)
         self.head = nn.Linear(H, V, bias=False)
-        self.stack = build_mtp_stack(num_depths=num_depths, hidden_size=H, block_factory=lambda k: nn.Linear(H, H))
+        self.stack = build_mtp_stack(
+            num_depths=num_depths, hidden_size=H, block_factory=lambda k: nn.Linear(H, H)
+        )
         for p in self.stack.parameters():  # non-trivial norm weights so that enorm/hnorm order matters
             nn.init.normal_(p, mean=0.5, std=0.3)
 

@@ -1,0 +1,18 @@
+"""Compatibility with the supported megatron-core range (0.16.1 - 0.19.x).
+
+megatron-core 0.16.1's `moe_utils` imports `te_general_gemm` only when TransformerEngine is installed
+but reads the name unconditionally in the router's gating linear, so every MoE forward without TE raises
+NameError. 0.17 defines the name as None when TE is absent; `ensure_moe_router_without_te()` does
+exactly that on 0.16.x, and nothing on versions that already define it. It changes no behaviour of a
+working install: with the name defined, Megatron takes its own non-TE code path.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+
+def ensure_moe_router_without_te() -> None:
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
