@@ -30,6 +30,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -95,7 +96,8 @@ def _build(args, kind: str, depth: int):
         moe_router_topk=args.topk,
         moe_ffn_hidden_size=args.moe_ffn_hidden_size,
         first_dense_layers=0,
-        moe_token_dispatcher_type="alltoall",
+        # alltoall is what large MoE jobs use; it needs CUDA streams, so a CPU smoke run takes allgather.
+        moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
         untie_embeddings_and_output_weights=True,
     )
     mtp_cfg = MTPConfig(
@@ -111,6 +113,9 @@ def _build(args, kind: str, depth: int):
     if kind in ("plugin", "chunked"):
         model = build_mtp_gpt_model(model_cfg, mtp_cfg, config, pre_process=True, post_process=True)
     else:
+        from mtp_plugin.megatron.compat import ensure_moe_router_without_te
+
+        ensure_moe_router_without_te()  # megatron-core 0.16.1 without TransformerEngine
         mtp_block_spec = None
         if kind == "native":
             mtp_block_spec = get_gpt_mtp_block_spec(
@@ -140,7 +145,8 @@ def _native_loss(loss_mask_bs, output_bs):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.detach().float()])}
 
 
-def run_config(name: str, args) -> dict:
+def setup_training(name: str, args):
+    """Build one configuration's model, DDP, optimizer and a `step_once()`; returns a namespace."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -225,6 +231,33 @@ def run_config(name: str, args) -> dict:
         )
         return losses
 
+    return SimpleNamespace(
+        kind=kind,
+        depth=depth,
+        cuda=cuda,
+        model_cfg=model_cfg,
+        model=model,
+        ddp=ddp,
+        optimizer=optimizer,
+        metrics=metrics,
+        num_params=num_params,
+        step_once=step_once,
+        sync=sync,
+        end_of_forward_bytes=end_of_forward_bytes,
+        batch_tokens=b * s,
+    )
+
+
+def run_config(name: str, args) -> dict:
+    t = setup_training(name, args)
+    kind, depth, cuda, metrics, optimizer = t.kind, t.depth, t.cuda, t.metrics, t.optimizer
+    step_once, sync, end_of_forward_bytes, num_params = (
+        t.step_once,
+        t.sync,
+        t.end_of_forward_bytes,
+        t.num_params,
+    )
+    b, s = args.micro_batch, args.seq
     times_s, lm_losses = [], []
     for step in range(args.warmup + args.steps):
         if step == 1 and cuda:
@@ -359,7 +392,8 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark shape and run options (bench_meter.py extends it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("bench_mtp.json"), help="JSON results")
     p.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
@@ -381,10 +415,16 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--clip-grad", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (bench_meter.py)")
     p.add_argument("--config-timeout", type=float, default=120.0, help="seconds per configuration")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip configurations started after this")
     p.add_argument("--in-process", action="store_true", help="run every configuration in this process")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
 
     if args.only:
