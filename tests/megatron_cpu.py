@@ -325,3 +325,57 @@ def forward_backward(
         "lm_loss": [d["lm loss"] for d in losses],
         "mtp_tracker": read_mtp_tracker(),
     }
+
+
+def build_tiny_plugin_gpt(model: TinyGPT, *, loss_chunk_tokens: int = 0, **config_overrides: Any):
+    """This pipeline stage of the plugin's MTPGPTModel with `model`'s shape and config.
+
+    Same TransformerConfig and trunk spec as `build_tiny_gpt`, so the two hold the same parameters
+    (the MTP depths under the plugin's names). Stage roles and the MTP stage come from the plugin's
+    placement planner (Megatron's layout when `model.pipeline_model_parallel_layout` is set).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from mtp_plugin.megatron import MTPGPTModel
+    from mtp_plugin.megatron.placement import plan_pipeline
+
+    config = tiny_transformer_config(model, **config_overrides)
+    plan = plan_pipeline(
+        num_layers=model.num_layers,
+        num_depths=model.mtp_num_layers or 0,
+        pipeline_size=ps.get_pipeline_model_parallel_world_size(),
+        layout=model.pipeline_model_parallel_layout,
+    )
+    stage = plan.stages[ps.get_pipeline_model_parallel_rank()]
+    return MTPGPTModel(
+        config,
+        get_gpt_layer_local_spec(
+            num_experts=model.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+        ),
+        model.vocab_size,
+        model.seq_length,
+        mtp_stage=plan.mtp_stage or 0,
+        loss_chunk_tokens=loss_chunk_tokens,
+        pre_process="E" in stage,
+        post_process="L" in stage,
+        share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,
+    )
+
+
+def plugin_forward_backward(model, microbatches, *, lam: float, metrics=None, per_token_loss: bool = False):
+    """Megatron's schedule over `microbatches` with the plugin's forward step; returns the loss reports."""
+    from functools import partial
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from mtp_plugin.megatron import mtp_forward_step
+
+    return get_forward_backward_func()(
+        forward_step_func=partial(mtp_forward_step, lam=lam, metrics=metrics, per_token_loss=per_token_loss),
+        data_iterator=iter(microbatches),
+        model=[model],
+        num_microbatches=len(microbatches),
+        seq_length=microbatches[0]["tokens"].shape[1],
+        micro_batch_size=microbatches[0]["tokens"].shape[0],
+    )

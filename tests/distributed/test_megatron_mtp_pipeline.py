@@ -42,14 +42,12 @@ def _pipeline_worker(num_experts, layout, tied, optimizer_steps):
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_cpu import TinyGPT, make_microbatches, tiny_transformer_config, to_global_names
+    from megatron_cpu import TinyGPT, build_tiny_plugin_gpt, make_microbatches, to_global_names
 
-    from mtp_plugin.megatron import MTPGPTModel, MTPMetrics, mtp_forward_step, plan_pipeline
+    from mtp_plugin.megatron import MTPMetrics, mtp_forward_step
 
-    pp = ps.get_pipeline_model_parallel_world_size()
     pp_rank = ps.get_pipeline_model_parallel_rank()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     shape = TinyGPT(
@@ -60,19 +58,9 @@ def _pipeline_worker(num_experts, layout, tied, optimizer_steps):
         pipeline_model_parallel_layout=layout,
         moe_token_dispatcher_type="alltoall",
     )
-    plan = plan_pipeline(num_layers=4, num_depths=NUM_DEPTHS, pipeline_size=pp, layout=layout)
-    stage = plan.stages[pp_rank]
-    config = tiny_transformer_config(shape)
-    model = MTPGPTModel(
-        config,
-        get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"),
-        shape.vocab_size,
-        shape.seq_length,
-        mtp_stage=plan.mtp_stage,
-        pre_process="E" in stage,
-        post_process="L" in stage,
-        share_embeddings_and_output_weights=tied,
-    )
+    model = build_tiny_plugin_gpt(shape)
+    config = model.config
+    stage = ("E" if model.pre_process else "") + ("L" if model.post_process else "")
     emb_at_build = (
         model.embedding.word_embeddings.weight.detach().clone() if hasattr(model, "embedding") else None
     )

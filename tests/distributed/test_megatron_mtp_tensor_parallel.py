@@ -4,8 +4,6 @@ Megatron's CPU initialisation draws each full ("master") weight with the same RN
 this rank's slice, so a tp=2 model holds exactly the tp=1 weights, split.
 """
 
-from functools import partial
-
 import pytest
 import torch
 from distributed_utils import run_distributed
@@ -15,30 +13,15 @@ pytestmark = [pytest.mark.megatron, pytest.mark.distributed]
 
 def _tp_worker(chunk_tokens: int, tied: bool):
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_cpu import TinyGPT, make_microbatches, tiny_transformer_config
+    from megatron_cpu import TinyGPT, build_tiny_plugin_gpt, make_microbatches, plugin_forward_backward
 
-    from mtp_plugin.megatron import MTPGPTModel, MTPMetrics, mtp_forward_step
+    from mtp_plugin.megatron import MTPMetrics
 
     shape = TinyGPT(num_layers=2, mtp_num_layers=2, share_embeddings_and_output_weights=tied)
-    model = MTPGPTModel(
-        tiny_transformer_config(shape),
-        get_gpt_layer_local_spec(normalization="RMSNorm"),
-        shape.vocab_size,
-        shape.seq_length,
-        mtp_stage=0,
-        loss_chunk_tokens=chunk_tokens,
-        share_embeddings_and_output_weights=tied,
-    )
+    model = build_tiny_plugin_gpt(shape, loss_chunk_tokens=chunk_tokens)
     metrics = MTPMetrics(2)
-    losses = get_forward_backward_func()(
-        forward_step_func=partial(mtp_forward_step, lam=0.3, metrics=metrics),
-        data_iterator=iter(make_microbatches(shape, 2, 2, seed=5, mask_tail=2)),
-        model=[model],
-        num_microbatches=2,
-        seq_length=shape.seq_length,
-        micro_batch_size=2,
+    losses = plugin_forward_backward(
+        model, make_microbatches(shape, 2, 2, seed=5, mask_tail=2), lam=0.3, metrics=metrics
     )
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("mtp_stack.")}
     return {

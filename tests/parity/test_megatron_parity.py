@@ -30,18 +30,29 @@ def native_to_plugin_name(name: str) -> str:
     return f"mtp_stack.depths.{index}.{rest}"
 
 
-def _parity_worker(num_depths: int, num_experts: int | None, tied: bool, chunk_tokens: int):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_cpu import (
-        TinyGPT,
-        build_tiny_gpt,
-        forward_backward,
-        make_microbatches,
-        tiny_transformer_config,
-    )
+def _native_and_plugin(shape, *, chunk_tokens: int = 0):
+    """Native GPTModel with Megatron's MTP and the plugin's model holding the same weights."""
+    from megatron_cpu import build_tiny_gpt, build_tiny_plugin_gpt
 
-    from mtp_plugin.megatron import MTPGPTModel, MTPMetrics, mtp_forward_step
+    native = build_tiny_gpt(shape)
+    plugin = build_tiny_plugin_gpt(shape, loss_chunk_tokens=chunk_tokens)
+    state = {
+        native_to_plugin_name(k): v for k, v in native.state_dict().items() if not k.endswith("_extra_state")
+    }
+    result = plugin.load_state_dict(state, strict=False)
+    assert not [k for k in result.missing_keys if not k.endswith("_extra_state")], result.missing_keys
+    assert not result.unexpected_keys, result.unexpected_keys
+    return native, plugin
+
+
+def _grads(model, rename=lambda n: n):
+    return {rename(n): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _parity_worker(num_depths: int, num_experts: int | None, tied: bool, chunk_tokens: int):
+    from megatron_cpu import TinyGPT, forward_backward, make_microbatches, plugin_forward_backward
+
+    from mtp_plugin.megatron import MTPMetrics
 
     shape = TinyGPT(
         num_layers=2,
@@ -50,42 +61,11 @@ def _parity_worker(num_depths: int, num_experts: int | None, tied: bool, chunk_t
         mtp_loss_scaling_factor=LAMBDA,
         share_embeddings_and_output_weights=tied,
     )
-    native = build_tiny_gpt(shape)
-    config = tiny_transformer_config(shape)
-    plugin = MTPGPTModel(
-        config,
-        get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False, normalization="RMSNorm"),
-        shape.vocab_size,
-        shape.seq_length,
-        mtp_stage=0,
-        loss_chunk_tokens=chunk_tokens,
-        share_embeddings_and_output_weights=tied,
-    )
-    native_state = native.state_dict()
-    plugin_state = {
-        native_to_plugin_name(k): v for k, v in native_state.items() if not k.endswith("_extra_state")
-    }
-    result = plugin.load_state_dict(plugin_state, strict=False)
-    assert not [k for k in result.missing_keys if not k.endswith("_extra_state")], result.missing_keys
-    assert not result.unexpected_keys, result.unexpected_keys
-
+    native, plugin = _native_and_plugin(shape, chunk_tokens=chunk_tokens)
     batches = make_microbatches(shape, NUM_MICROBATCHES, 2, seed=7, mask_tail=2)
     native_out = forward_backward(native, batches)
-    native_grads = {
-        native_to_plugin_name(n): p.grad.clone() for n, p in native.named_parameters() if p.grad is not None
-    }
-
     metrics = MTPMetrics(num_depths)
-    plugin.zero_grad(set_to_none=True)
-    losses = get_forward_backward_func()(
-        forward_step_func=lambda it, m: mtp_forward_step(it, m, lam=LAMBDA, metrics=metrics),
-        data_iterator=iter(batches),
-        model=[plugin],
-        num_microbatches=NUM_MICROBATCHES,
-        seq_length=shape.seq_length,
-        micro_batch_size=2,
-    )
-    plugin_grads = {n: p.grad.clone() for n, p in plugin.named_parameters() if p.grad is not None}
+    losses = plugin_forward_backward(plugin, batches, lam=LAMBDA, metrics=metrics)
     stats = metrics.reduce()
     return {
         "native_lm": [float(x) for x in native_out["lm_loss"]],
@@ -93,8 +73,8 @@ def _parity_worker(num_depths: int, num_experts: int | None, tied: bool, chunk_t
         # Megatron's tracker holds Σ over micro-batches of each micro-batch's mean depth loss.
         "native_depth": (native_out["mtp_tracker"] / NUM_MICROBATCHES).tolist(),
         "plugin_depth": [stats[f"mtp_{k} loss"] for k in range(1, num_depths + 1)],
-        "native_grads": native_grads,
-        "plugin_grads": plugin_grads,
+        "native_grads": _grads(native, native_to_plugin_name),
+        "plugin_grads": _grads(plugin),
     }
 
 
@@ -124,54 +104,16 @@ def test_plugin_matches_native_mtp(num_depths, num_experts, tied, chunk_tokens):
 
 def _parity_worker_per_token():
     """Megatron's per-token-loss mode: the schedule does not divide by tokens, the MTP term enters as sums."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_cpu import (
-        TinyGPT,
-        build_tiny_gpt,
-        forward_backward,
-        make_microbatches,
-        tiny_transformer_config,
-    )
-
-    from mtp_plugin.megatron import MTPGPTModel, mtp_forward_step
+    from megatron_cpu import TinyGPT, forward_backward, make_microbatches, plugin_forward_backward
 
     shape = TinyGPT(
         num_layers=2, mtp_num_layers=2, mtp_loss_scaling_factor=LAMBDA, calculate_per_token_loss=True
     )
-    native = build_tiny_gpt(shape)
-    plugin = MTPGPTModel(
-        tiny_transformer_config(shape),
-        get_gpt_layer_local_spec(normalization="RMSNorm"),
-        shape.vocab_size,
-        shape.seq_length,
-        mtp_stage=0,
-        share_embeddings_and_output_weights=True,
-    )
-    plugin.load_state_dict(
-        {
-            native_to_plugin_name(k): v
-            for k, v in native.state_dict().items()
-            if not k.endswith("_extra_state")
-        },
-        strict=False,
-    )
+    native, plugin = _native_and_plugin(shape)
     batches = make_microbatches(shape, NUM_MICROBATCHES, 2, seed=3, mask_tail=3)
     forward_backward(native, batches)
-    native_grads = {native_to_plugin_name(n): p.grad.clone() for n, p in native.named_parameters()}
-    plugin.zero_grad(set_to_none=True)
-    get_forward_backward_func()(
-        forward_step_func=lambda it, m: mtp_forward_step(it, m, lam=LAMBDA, per_token_loss=True),
-        data_iterator=iter(batches),
-        model=[plugin],
-        num_microbatches=NUM_MICROBATCHES,
-        seq_length=shape.seq_length,
-        micro_batch_size=2,
-    )
-    return {
-        "native_grads": native_grads,
-        "plugin_grads": {n: p.grad.clone() for n, p in plugin.named_parameters()},
-    }
+    plugin_forward_backward(plugin, batches, lam=LAMBDA, per_token_loss=True)
+    return {"native_grads": _grads(native, native_to_plugin_name), "plugin_grads": _grads(plugin)}
 
 
 def _megatron_version():
@@ -198,28 +140,16 @@ def test_per_token_loss_mode_matches_native_0_16():
 
 def _two_models_worker():
     """Two plugin models with different depths (and an MoE trunk) trained side by side in one process."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_cpu import TinyGPT, make_microbatches, tiny_transformer_config
+    from megatron_cpu import TinyGPT, build_tiny_plugin_gpt, make_microbatches, plugin_forward_backward
 
-    from mtp_plugin.megatron import MTPGPTModel, MTPMetrics, last_decoder_layer_spec, mtp_forward_step
+    from mtp_plugin.megatron import MTPMetrics
 
     results = {}
     for depth in (1, 3, 2):
         shape = TinyGPT(num_layers=2, num_moe_experts=4, mtp_num_layers=depth)
-        config = tiny_transformer_config(shape)
-        model = MTPGPTModel(
-            config, last_decoder_layer_spec(config), shape.vocab_size, shape.seq_length, mtp_stage=0
-        )
         metrics = MTPMetrics(depth)
-        get_forward_backward_func()(
-            forward_step_func=lambda it, m, metrics=metrics: mtp_forward_step(
-                it, m, lam=0.1, metrics=metrics
-            ),
-            data_iterator=iter(make_microbatches(shape, 2, 2, seed=depth)),
-            model=[model],
-            num_microbatches=2,
-            seq_length=shape.seq_length,
-            micro_batch_size=2,
+        plugin_forward_backward(
+            build_tiny_plugin_gpt(shape), make_microbatches(shape, 2, 2, seed=depth), lam=0.1, metrics=metrics
         )
         results[depth] = metrics.reduce()
     return results
