@@ -35,17 +35,24 @@ def check_supported(
             f"padded vocabulary {model.padded_vocab_size} is not divisible by tensor_model_parallel_size="
             f"{parallel.tensor_model_parallel_size}; change model.make_vocab_size_divisible_by"
         )
+    return _plan(
+        model, mtp, parallel.pipeline_model_parallel_size, pipeline_layout or parallel.pipeline_layout
+    )
+
+
+def _plan(model: ModelConfig, mtp: MTPConfig, pipeline_size: int, layout: str | None) -> PipelinePlan:
     return plan_pipeline(
         num_layers=model.num_layers,
         num_depths=mtp.num_depths,
-        pipeline_size=parallel.pipeline_model_parallel_size,
+        pipeline_size=pipeline_size,
         placement=mtp.placement,
         mtp_stage=mtp.mtp_stage,
-        layout=pipeline_layout or parallel.pipeline_layout,
+        layout=layout,
     )
 
 
 def plan_from_config(model: ModelConfig, mtp: MTPConfig, config) -> PipelinePlan:
+    """The plan a built TransformerConfig encodes (its layout, or Megatron's default split)."""
     layout = config.pipeline_model_parallel_layout
     if layout is not None and not isinstance(layout, str):
         # Megatron converts the string into a PipelineParallelLayerLayout in __post_init__.
@@ -53,14 +60,7 @@ def plan_from_config(model: ModelConfig, mtp: MTPConfig, config) -> PipelinePlan
             "".join({"embedding": "E", "decoder": "t", "mtp": "m", "loss": "L"}[t.name] for t in stage[0])
             for stage in layout.layout
         )
-    return plan_pipeline(
-        num_layers=model.num_layers,
-        num_depths=mtp.num_depths,
-        pipeline_size=config.pipeline_model_parallel_size,
-        placement=mtp.placement,
-        mtp_stage=mtp.mtp_stage,
-        layout=layout,
-    )
+    return _plan(model, mtp, config.pipeline_model_parallel_size, layout)
 
 
 def transformer_config_from(

@@ -126,18 +126,13 @@ def plan_pipeline(
         s = _check_stages(stages, num_layers=num_layers, num_depths=num_depths, pipeline_size=pipeline_size)
         return PipelinePlan(stages=stages, layout=layout, mtp_stage=s)
     last = pipeline_size - 1
-    if placement == "last" or (placement == "stage" and mtp_stage == last):
-        if num_layers % pipeline_size:
-            raise ValueError(
-                f"model.num_layers={num_layers} is not divisible across {pipeline_size} pipeline stages; "
-                "change num_layers or pipeline_model_parallel_size, or give an explicit parallel.pipeline_layout"
-            )
-        per = num_layers // pipeline_size
-        stages = tuple(("E" if i == 0 else "") + "t" * per for i in range(pipeline_size))
+    if placement not in ("last", "stage"):
+        raise ValueError(f"mtp.placement={placement!r} is unknown; use 'last' or 'stage'")
+    if placement == "last" or mtp_stage == last:
+        # MTP, head and loss on the last stage: Megatron's default split, no layout needed.
+        stages = _trunk_stages(num_layers, pipeline_size, "pipeline stages")
         stages = stages[:-1] + (stages[-1] + "m" * num_depths + "L",)
         return PipelinePlan(stages=stages, layout=None, mtp_stage=last if num_depths else None)
-    if placement != "stage":
-        raise ValueError(f"mtp.placement={placement!r} is unknown; use 'last' or 'stage'")
     if mtp_stage is None or not 1 <= mtp_stage < pipeline_size:
         raise ValueError(
             f"mtp.mtp_stage={mtp_stage} is not a valid stage: the pipeline has stages 0..{last} and MTP cannot "
@@ -148,14 +143,17 @@ def plan_pipeline(
             f"mtp.mtp_stage={mtp_stage} would leave stages {mtp_stage + 1}..{last - 1} without work (only the last "
             f"stage carries the head and loss after MTP); use mtp_stage={last - 1} or {last}"
         )
-    trunk_stages = mtp_stage + 1
-    if num_layers % trunk_stages:
-        raise ValueError(
-            f"model.num_layers={num_layers} is not divisible across the {trunk_stages} stages before the loss stage; "
-            "change num_layers, or give an explicit parallel.pipeline_layout"
-        )
-    per = num_layers // trunk_stages
-    stages = tuple(("E" if i == 0 else "") + "t" * per for i in range(trunk_stages))
+    stages = _trunk_stages(num_layers, mtp_stage + 1, "stages before the loss stage")
     stages = stages[:-1] + (stages[-1] + "m" * num_depths, "L")
-    layout = "|".join(stages)
-    return PipelinePlan(stages=stages, layout=layout, mtp_stage=mtp_stage)
+    return PipelinePlan(stages=stages, layout="|".join(stages), mtp_stage=mtp_stage)
+
+
+def _trunk_stages(num_layers: int, num_stages: int, what: str) -> tuple[str, ...]:
+    """The trunk's layers split evenly over `num_stages` stages, the embedding on the first."""
+    if num_layers % num_stages:
+        raise ValueError(
+            f"model.num_layers={num_layers} is not divisible across {num_stages} {what}; change num_layers or "
+            "pipeline_model_parallel_size, or give an explicit parallel.pipeline_layout"
+        )
+    per = num_layers // num_stages
+    return tuple(("E" if i == 0 else "") + "t" * per for i in range(num_stages))
