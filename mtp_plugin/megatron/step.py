@@ -11,7 +11,6 @@ by the global token count instead; then the depth terms enter as sums: `main_sum
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -20,57 +19,76 @@ import torch.distributed as dist
 from mtp_plugin.core import weighted_depth_loss
 
 
-@dataclass
 class MTPMetrics:
-    """Token-weighted per-depth sums for one logging window; owned by the caller, never process-global."""
+    """Token-weighted per-depth sums for one logging window; owned by the caller, never process-global.
 
-    num_depths: int
-    main_loss_sum: float = 0.0
-    main_num_tokens: float = 0.0
-    depth_loss_sums: list[float] = field(default_factory=list)
-    depth_num_tokens: list[float] = field(default_factory=list)
-    depth_num_correct: list[float] = field(default_factory=list)
+    The sums stay on the device the losses live on (one small vector: main loss sum, main targets, then per
+    depth the loss sums, valid targets and top-1 hits), so updating them per micro-batch never waits for
+    the GPU; reading a field or reducing copies the vector to the host once.
+    """
 
-    def __post_init__(self) -> None:
-        self.reset()
+    def __init__(self, num_depths: int) -> None:
+        self.num_depths = num_depths
+        self._totals: torch.Tensor | None = None
 
     def reset(self) -> None:
-        self.main_loss_sum = self.main_num_tokens = 0.0
-        self.depth_loss_sums = [0.0] * self.num_depths
-        self.depth_num_tokens = [0.0] * self.num_depths
-        self.depth_num_correct = [0.0] * self.num_depths
+        if self._totals is not None:
+            self._totals.zero_()
+
+    def _add(self, vector: torch.Tensor) -> None:
+        if self._totals is None:
+            self._totals = torch.zeros(2 + 3 * self.num_depths, dtype=torch.float64, device=vector.device)
+        self._totals += vector.to(self._totals.device, torch.float64)
 
     def update(
         self, main_loss_sum: torch.Tensor, main_num_tokens: torch.Tensor, depth_sums=None, depth_counts=None
-    ):
-        self.main_loss_sum += float(main_loss_sum)
-        self.main_num_tokens += float(main_num_tokens)
-        if depth_sums is not None:
-            for k in range(self.num_depths):
-                self.depth_loss_sums[k] += float(depth_sums[k])
-                self.depth_num_tokens[k] += float(depth_counts[k, 0])
-                self.depth_num_correct[k] += float(depth_counts[k, 1])
+    ) -> None:
+        parts = [
+            main_loss_sum.detach().reshape(1).double(),
+            torch.as_tensor(main_num_tokens).reshape(1).double(),
+        ]
+        if self.num_depths:
+            if depth_sums is None:
+                zeros = torch.zeros(3 * self.num_depths, dtype=torch.float64, device=parts[0].device)
+                parts.append(zeros)
+            else:
+                counts = depth_counts.detach().double()
+                parts += [depth_sums.detach().double(), counts[:, 0], counts[:, 1]]
+        self._add(torch.cat([p.to(parts[0].device) for p in parts]))
 
     def merge(self, other: MTPMetrics) -> None:
         """Add another window's sums (e.g. one step's) into this one."""
-        self.main_loss_sum += other.main_loss_sum
-        self.main_num_tokens += other.main_num_tokens
-        for k in range(self.num_depths):
-            self.depth_loss_sums[k] += other.depth_loss_sums[k]
-            self.depth_num_tokens[k] += other.depth_num_tokens[k]
-            self.depth_num_correct[k] += other.depth_num_correct[k]
+        if other._totals is not None:
+            self._add(other._totals)
 
     def as_tensor(self) -> torch.Tensor:
-        return torch.tensor(
-            [
-                self.main_loss_sum,
-                self.main_num_tokens,
-                *self.depth_loss_sums,
-                *self.depth_num_tokens,
-                *self.depth_num_correct,
-            ],
-            dtype=torch.float64,
-        )
+        if self._totals is None:
+            return torch.zeros(2 + 3 * self.num_depths, dtype=torch.float64)
+        return self._totals.detach().to("cpu", copy=True)
+
+    def _field(self, start: int, count: int | None = None):
+        values = self.as_tensor().tolist()
+        return values[start] if count is None else values[start : start + count]
+
+    @property
+    def main_loss_sum(self) -> float:
+        return self._field(0)
+
+    @property
+    def main_num_tokens(self) -> float:
+        return self._field(1)
+
+    @property
+    def depth_loss_sums(self) -> list[float]:
+        return self._field(2, self.num_depths)
+
+    @property
+    def depth_num_tokens(self) -> list[float]:
+        return self._field(2 + self.num_depths, self.num_depths)
+
+    @property
+    def depth_num_correct(self) -> list[float]:
+        return self._field(2 + 2 * self.num_depths, self.num_depths)
 
     def reduce(self, group=None) -> dict[str, float]:
         """Sum over `group` (data-parallel ranks, and the last pipeline stage's peers) and average per token.
