@@ -113,7 +113,6 @@ def validate_for_launch(experiment: ExperimentConfig, *, world_size: int, cuda: 
     """The checks that need the launch: process count, files on disk, device, the adapter's plan."""
     try:
         experiment.check_world_size(world_size)
-        experiment.data.check_files()
         if not cuda and experiment.training.clip_grad > 0:
             raise ValueError(
                 f"training.clip_grad={experiment.training.clip_grad}: Megatron's gradient clipping needs CUDA "
@@ -130,6 +129,8 @@ def validate_for_launch(experiment: ExperimentConfig, *, world_size: int, cuda: 
         from mtp_plugin.megatron import check_supported
 
         check_supported(experiment.model, experiment.parallel, experiment.mtp)
+        # Files last: every configuration error is reported even before the corpus has been prepared.
+        experiment.data.check_files()
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"error: {err}") from None
 
