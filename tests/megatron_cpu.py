@@ -335,9 +335,8 @@ def build_tiny_plugin_gpt(model: TinyGPT, *, loss_chunk_tokens: int = 0, **confi
     placement planner (Megatron's layout when `model.pipeline_model_parallel_layout` is set).
     """
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from mtp_plugin.megatron import MTPGPTModel
+    from mtp_plugin.megatron import MTPGPTModel, trunk_layer_spec
     from mtp_plugin.megatron.placement import plan_pipeline
 
     config = tiny_transformer_config(model, **config_overrides)
@@ -350,9 +349,7 @@ def build_tiny_plugin_gpt(model: TinyGPT, *, loss_chunk_tokens: int = 0, **confi
     stage = plan.stages[ps.get_pipeline_model_parallel_rank()]
     return MTPGPTModel(
         config,
-        get_gpt_layer_local_spec(
-            num_experts=model.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
-        ),
+        trunk_layer_spec(config),
         model.vocab_size,
         model.seq_length,
         mtp_stage=plan.mtp_stage or 0,

@@ -19,12 +19,6 @@ def check_supported(
             "context parallel is not supported with MTP in mtp_plugin yet (depth-k targets cross CP chunk "
             "boundaries); set parallel.context_parallel_size=1"
         )
-    if parallel.sequence_parallel:
-        raise ValueError(
-            "parallel.sequence_parallel is not supported yet: the adapter builds Megatron's local spec, whose "
-            "torch RMSNorm refuses sequence parallel (TransformerEngine norms would be needed); set "
-            "parallel.sequence_parallel=false"
-        )
     if model.is_moe and model.num_experts % parallel.expert_model_parallel_size:
         raise ValueError(
             f"model.num_experts={model.num_experts} is not divisible by parallel.expert_model_parallel_size="

@@ -20,6 +20,8 @@ targets (differentiable) and, per depth, (valid targets, top-1 hits). See `mtp_p
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.models.backends import LocalSpecProvider
@@ -34,6 +36,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
 
@@ -83,12 +86,44 @@ class MTPTransformerBlock(MegatronModule):
         return out
 
 
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm whose weight Megatron treats as sequence-parallel.
+
+    Megatron's local-spec torch norm (WrappedTorchNorm) refuses sequence parallel; upstream's answer is
+    TransformerEngine's norm. Under sequence parallel each tensor-parallel rank normalises its own slice of
+    the sequence, so the weight gradient is partial: `finalize_model_grads` sums the gradients of params
+    marked `sequence_parallel` over the tensor-parallel group, which is all this class adds.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5) -> None:
+        if config.normalization != "RMSNorm":
+            raise ValueError(
+                f"SequenceParallelRMSNorm needs normalization='RMSNorm', got {config.normalization!r}"
+            )
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def _with_norm(spec, norm):
+    """A copy of a local-spec layer (or block) spec with its norms swapped for `norm`, through the spec."""
+    if isinstance(spec, TransformerBlockSubmodules):
+        return dataclasses.replace(
+            spec, layer_specs=[_with_norm(s, norm) for s in spec.layer_specs], layer_norm=norm
+        )
+    submodules = dataclasses.replace(spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm)
+    return ModuleSpec(module=spec.module, params=spec.params, submodules=submodules)
+
+
 def trunk_layer_spec(config: TransformerConfig, *, vp_stage=None):
-    """The trunk's spec: a per-layer block spec for MoE (dense first layers, then MoE), else one local spec."""
-    if config.num_moe_experts:
-        return get_gpt_decoder_block_spec(
+    """The trunk's spec: a per-layer block spec for MoE (dense first layers, then MoE), else one local spec.
+
+    With sequence parallel, every norm (each layer's and the block's final one) is `SequenceParallelRMSNorm`.
+    """
+    if config.num_moe_experts or config.sequence_parallel:
+        block = get_gpt_decoder_block_spec(
             config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage
         )
+        return _with_norm(block, SequenceParallelRMSNorm) if config.sequence_parallel else block
     return get_gpt_layer_local_spec(normalization=config.normalization)
 
 
@@ -99,11 +134,12 @@ def last_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
         (isinstance(freq, int) and (config.num_layers - 1) % freq == 0)
         or (isinstance(freq, list) and freq[-1] == 1)
     )
-    return get_gpt_layer_local_spec(
+    spec = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts if last_is_moe else None,
         moe_grouped_gemm=config.moe_grouped_gemm,
         normalization=config.normalization,
     )
+    return _with_norm(spec, SequenceParallelRMSNorm) if config.sequence_parallel else spec
 
 
 class MTPGPTModel(GPTModel):
@@ -168,7 +204,11 @@ class MTPGPTModel(GPTModel):
 
     def _build_mtp_stack(self, layer_spec: ModuleSpec, vp_stage) -> MTPStack:
         config = self.config
-        norm = LocalSpecProvider().layer_norm(rms_norm=config.normalization == "RMSNorm")
+        norm = (
+            SequenceParallelRMSNorm
+            if config.sequence_parallel
+            else LocalSpecProvider().layer_norm(rms_norm=config.normalization == "RMSNorm")
+        )
 
         def make_norm():
             return build_module(

@@ -35,7 +35,7 @@ def _init_by_global_name(model, to_global):
     return names
 
 
-def _pipeline_worker(num_experts, layout, tied, optimizer_steps):
+def _pipeline_worker(num_experts, layout, tied, optimizer_steps, dispatcher="alltoall"):
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -56,7 +56,7 @@ def _pipeline_worker(num_experts, layout, tied, optimizer_steps):
         mtp_num_layers=NUM_DEPTHS,
         share_embeddings_and_output_weights=tied,
         pipeline_model_parallel_layout=layout,
-        moe_token_dispatcher_type="alltoall",
+        moe_token_dispatcher_type=dispatcher,
     )
     model = build_tiny_plugin_gpt(shape)
     config = model.config
@@ -106,9 +106,9 @@ def _pipeline_worker(num_experts, layout, tied, optimizer_steps):
     return out
 
 
-def _run(world, parallel, num_experts, layout, tied=False, steps=0):
+def _run(world, parallel, num_experts, layout, tied=False, steps=0, dispatcher="alltoall"):
     return run_distributed(
-        _pipeline_worker, world, num_experts, layout, tied, steps, parallel=parallel, timeout=240
+        _pipeline_worker, world, num_experts, layout, tied, steps, dispatcher, parallel=parallel, timeout=240
     )
 
 
@@ -159,8 +159,11 @@ def test_pp2_matches_pp1(dense_reference):
     _assert_same_as_reference(dense_reference, results)
 
 
-def test_pp2_ep2_matches_pp1(moe_reference):
-    results = _run(4, dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2), 4, None)
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_pp2_ep2_matches_pp1(moe_reference, dispatcher):
+    results = _run(
+        4, dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2), 4, None, dispatcher=dispatcher
+    )
     _assert_same_as_reference(moe_reference, results)
 
 

@@ -78,10 +78,6 @@ def test_check_supported_rejects_context_parallel_and_bad_experts():
         ValueError, match="num_experts=8 is not divisible by parallel.expert_model_parallel_size=3"
     ):
         check_supported(model, ParallelConfig(expert_model_parallel_size=3), MTPConfig(num_depths=1))
-    with pytest.raises(ValueError, match="sequence_parallel=false"):
-        check_supported(
-            model, ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True), MTPConfig()
-        )
     with pytest.raises(ValueError, match="below the sequence length 4"):
         check_supported(ModelConfig(seq_length=4), ParallelConfig(), MTPConfig(num_depths=4))
 
