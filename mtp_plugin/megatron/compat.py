@@ -16,3 +16,12 @@ def ensure_moe_router_without_te() -> None:
     moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+def optional_accelerators() -> dict[str, bool]:
+    """Which optional kernel packages are importable. Neither is on PyPI for every platform (apex never is);
+    Megatron uses them when present (fused norms, fused Adam, TE layers) and falls back to torch otherwise,
+    and so does everything in this plugin."""
+    from importlib.util import find_spec
+
+    return {name: find_spec(name) is not None for name in ("apex", "transformer_engine")}

@@ -37,6 +37,7 @@ from mtp_plugin.megatron import (
     mtp_forward_step,
     transformer_config_from,
 )
+from mtp_plugin.megatron.compat import optional_accelerators
 from mtp_plugin.train import checkpoint as ckpt
 from mtp_plugin.train import data as train_data
 from mtp_plugin.train import logs
@@ -188,6 +189,12 @@ class Trainer:
         self.rho_meter = RhoMeter(
             cfg.model, cfg.mtp, cfg.parallel, peak_tflops=tr.peak_tflops_per_device or None
         ).attach([self.ddp])
+        if self.is_logging_rank:
+            found = optional_accelerators()
+            self._print(
+                " optional kernels: "
+                + ", ".join(f"{k} {'yes' if v else 'no (torch fallback)'}" for k, v in found.items())
+            )
         self._broadcast_output_dirs()
         self._maybe_resume()
 
