@@ -43,7 +43,21 @@ def main(argv=None) -> int:
     from mtp_plugin.config import MTPConfig, ParallelConfig
     from mtp_plugin.megatron import RhoMeter
 
-    meter = RhoMeter(
+    class TimedRhoMeter(RhoMeter):
+        """The meter with a stopwatch around each hook body: its host time, independent of GPU noise."""
+
+        host_s = 0.0  # inside the forward hooks
+        interval_s = 0.0  # end_step + reduce (reduce reads the device: it also waits for queued GPU work)
+
+        def _hook(self, module, fn):
+            def timed(*a):
+                t0 = time.perf_counter()
+                fn(*a)
+                TimedRhoMeter.host_s += time.perf_counter() - t0
+
+            super()._hook(module, timed)
+
+    meter = TimedRhoMeter(
         t.model_cfg, MTPConfig(num_depths=t.depth), ParallelConfig(), peak_tflops=args.peak_tflops
     )
 
@@ -58,8 +72,10 @@ def main(argv=None) -> int:
         t.step_once()
         t.optimizer.step()
         if meter_on:
+            t1 = time.perf_counter()
             meter.end_step()
             fields = meter.reduce(metrics=t.metrics)
+            TimedRhoMeter.interval_s += time.perf_counter() - t1
         t.sync()
         elapsed = time.perf_counter() - t0
         if meter_on:
@@ -68,6 +84,7 @@ def main(argv=None) -> int:
 
     for _ in range(args.warmup):
         timed_step(False)
+    TimedRhoMeter.host_s = TimedRhoMeter.interval_s = 0.0
     # Alternate single steps (off, on, off, on, ...) so that clock and thermal drift hit both modes alike.
     # Every metered step pays a full log interval (end_step + the all-reduce + log fields): the worst case.
     times = {"off": [], "on": []}
@@ -89,6 +106,12 @@ def main(argv=None) -> int:
         f"overhead: {100 * overhead:+.2f}% (ratio of medians); paired per-step median {100 * statistics.median(pairs):+.2f}%;"
         f" per group: {', '.join(f'{100 * r:+.2f}%' for r in ratios)}"
     )
+    host_ms = 1e3 * TimedRhoMeter.host_s / len(times["on"])
+    interval_ms = 1e3 * TimedRhoMeter.interval_s / len(times["on"])
+    print(
+        f"meter host time per metered step: hooks {host_ms:.3f} ms = {100 * host_ms / off_ms:.3f}% of the median "
+        f"step; end_step + reduce {interval_ms:.3f} ms (includes waiting for the step's queued GPU work)"
+    )
     print(
         "meter fields (last interval):",
         {k: round(v, 4) for k, v in last_fields.items() if "rho" in k or "TFLOP" in k or k == "MFU"},
@@ -105,6 +128,8 @@ def main(argv=None) -> int:
         "per_group_paired_overhead": ratios,
         "paired_overhead_median": statistics.median(pairs),
         "meter_fields": last_fields,
+        "meter_hook_host_ms_per_step": host_ms,
+        "meter_interval_ms_per_step": interval_ms,
     }
     args.out.write_text(json.dumps(record, indent=1, default=str))
     return 0
