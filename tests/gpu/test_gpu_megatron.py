@@ -63,45 +63,24 @@ def _cuda_batches(shape, num_microbatches, micro_batch, seed, mask_tail):
     ]
 
 
-def _plugin_like(native_state, config, shape, *, chunk_tokens, tied):
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from parity.test_megatron_parity import native_to_plugin_name
+def _plugin_like(native_state, shape, *, chunk_tokens):
+    """The plugin's model on CUDA holding a native model's weights."""
+    from megatron_cpu import build_tiny_plugin_gpt
+    from parity.test_megatron_parity import load_native_weights
 
-    from mtp_plugin.megatron import MTPGPTModel
-
-    plugin = MTPGPTModel(
-        config,
-        get_gpt_layer_local_spec(
-            num_experts=shape.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
-        ),
-        shape.vocab_size,
-        shape.seq_length,
-        mtp_stage=0,
-        loss_chunk_tokens=chunk_tokens,
-        share_embeddings_and_output_weights=tied,
-    ).cuda()
-    state = {native_to_plugin_name(k): v for k, v in native_state.items() if not k.endswith("_extra_state")}
-    result = plugin.load_state_dict(state, strict=False)
-    assert not [k for k in result.missing_keys if not k.endswith("_extra_state")], result.missing_keys
-    assert not result.unexpected_keys, result.unexpected_keys
+    plugin = build_tiny_plugin_gpt(shape, loss_chunk_tokens=chunk_tokens).cuda()
+    load_native_weights(plugin, native_state)
     return plugin
 
 
 def _run_plugin(plugin, batches, num_depths):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron_cpu import plugin_forward_backward
 
-    from mtp_plugin.megatron import MTPMetrics, mtp_forward_step
+    from mtp_plugin.megatron import MTPMetrics
 
     metrics = MTPMetrics(num_depths)
     plugin.zero_grad(set_to_none=True)
-    losses = get_forward_backward_func()(
-        forward_step_func=lambda it, m: mtp_forward_step(it, m, lam=LAMBDA, metrics=metrics),
-        data_iterator=iter(batches),
-        model=[plugin],
-        num_microbatches=len(batches),
-        seq_length=batches[0]["tokens"].shape[1],
-        micro_batch_size=batches[0]["tokens"].shape[0],
-    )
+    losses = plugin_forward_backward(plugin, batches, lam=LAMBDA, metrics=metrics)
     grads = {n: p.grad.detach().clone() for n, p in plugin.named_parameters() if p.grad is not None}
     return losses, metrics.reduce(), grads
 
@@ -128,7 +107,7 @@ PARITY_CASES = [
 @pytest.mark.parametrize(("num_depths", "num_experts", "tied"), PARITY_CASES)
 def test_plugin_matches_native_mtp_on_gpu(megatron_nccl, num_depths, num_experts, tied):
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
-    from megatron_cpu import TinyGPT, build_tiny_gpt, forward_backward, tiny_transformer_config
+    from megatron_cpu import TinyGPT, build_tiny_gpt, forward_backward
     from parity.test_megatron_parity import native_to_plugin_name
 
     MTPLossLoggingHelper.tracker.clear()
@@ -145,9 +124,7 @@ def test_plugin_matches_native_mtp_on_gpu(megatron_nccl, num_depths, num_experts
         share_embeddings_and_output_weights=tied,
     )
     native = build_tiny_gpt(shape).cuda()
-    plugin = _plugin_like(
-        native.state_dict(), tiny_transformer_config(shape), shape, chunk_tokens=0, tied=tied
-    )
+    plugin = _plugin_like(native.state_dict(), shape, chunk_tokens=0)
     batches = _cuda_batches(shape, NUM_MICROBATCHES, MICRO_BATCH, seed=7, mask_tail=3)
 
     native_out = forward_backward(native, batches)
@@ -174,7 +151,7 @@ def test_plugin_matches_native_mtp_on_gpu(megatron_nccl, num_depths, num_experts
 
 @pytest.mark.parametrize("num_experts", [None, 4], ids=["dense", "moe"])
 def test_chunked_loss_matches_plain_in_model(megatron_nccl, num_experts):
-    from megatron_cpu import TinyGPT, build_tiny_gpt, tiny_transformer_config
+    from megatron_cpu import TinyGPT, build_tiny_gpt
 
     num_depths = 2
     shape = TinyGPT(
@@ -189,12 +166,11 @@ def test_chunked_loss_matches_plain_in_model(megatron_nccl, num_experts):
         share_embeddings_and_output_weights=False,
     )
     reference_state = build_tiny_gpt(shape).state_dict()
-    config = tiny_transformer_config(shape)
     batches = _cuda_batches(shape, 2, MICRO_BATCH, seed=3, mask_tail=5)
     results = {}
     # 0: plain; 37: chunks that do not divide the 128 tokens of a micro-batch; 4096: one chunk.
     for chunk_tokens in (0, 37, 4096):
-        plugin = _plugin_like(reference_state, config, shape, chunk_tokens=chunk_tokens, tied=False)
+        plugin = _plugin_like(reference_state, shape, chunk_tokens=chunk_tokens)
         assert plugin.loss_chunk_tokens == chunk_tokens
         results[chunk_tokens] = _run_plugin(plugin, batches, num_depths)
     _, plain_stats, plain_grads = results[0]

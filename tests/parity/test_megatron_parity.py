@@ -36,13 +36,16 @@ def _native_and_plugin(shape, *, chunk_tokens: int = 0):
 
     native = build_tiny_gpt(shape)
     plugin = build_tiny_plugin_gpt(shape, loss_chunk_tokens=chunk_tokens)
-    state = {
-        native_to_plugin_name(k): v for k, v in native.state_dict().items() if not k.endswith("_extra_state")
-    }
+    load_native_weights(plugin, native.state_dict())
+    return native, plugin
+
+
+def load_native_weights(plugin, native_state) -> None:
+    """Load a native-MTP GPTModel's state into the plugin's model (strict, up to Megatron's extra state)."""
+    state = {native_to_plugin_name(k): v for k, v in native_state.items() if not k.endswith("_extra_state")}
     result = plugin.load_state_dict(state, strict=False)
     assert not [k for k in result.missing_keys if not k.endswith("_extra_state")], result.missing_keys
     assert not result.unexpected_keys, result.unexpected_keys
-    return native, plugin
 
 
 def _grads(model, rename=lambda n: n):
