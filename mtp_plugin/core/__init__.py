@@ -3,7 +3,12 @@
 Nothing here imports Megatron, DeepSpeed or Hydra.
 """
 
-from mtp_plugin.core.cross_entropy import CrossEntropyStats, linear_cross_entropy, linear_cross_entropy_plain
+from mtp_plugin.core.cross_entropy import (
+    DEFAULT_LOSS_CHUNK_TOKENS,
+    CrossEntropyStats,
+    linear_cross_entropy,
+    linear_cross_entropy_plain,
+)
 from mtp_plugin.core.loss import MTPLossOutput, default_depth_weights, multi_token_loss, weighted_depth_loss
 from mtp_plugin.core.module import MTPDepth, MTPStack, build_mtp_stack, rms_norm_factory
 from mtp_plugin.core.schedules import (
@@ -19,6 +24,7 @@ from mtp_plugin.core.schedules import (
 from mtp_plugin.core.targets import DepthTargets, all_depth_targets, depth_targets, eod_valid_mask, shift_left
 
 __all__ = [
+    "DEFAULT_LOSS_CHUNK_TOKENS",
     "ConstantLambda",
     "CosineLambda",
     "CrossEntropyStats",

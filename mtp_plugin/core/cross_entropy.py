@@ -11,6 +11,17 @@ Megatron's `vocab_parallel_cross_entropy` does it). The caller is responsible fo
 communication of a tensor-parallel head (Megatron's copy-to / gather-from-sequence-parallel region),
 whose backward all-reduces the hidden-state gradient.
 
+Conventions shared by both paths (so that they agree on every input):
+- dtypes: the head matmul runs in the hidden states' dtype, the weight cast to it differentiably (its
+  gradient comes back in its own dtype), as Megatron's output layer runs in the activations' dtype;
+  softmax, loss and the weight-gradient accumulator are at least fp32.
+- labels: every counted (mask = 1) label must lie in [0, V), V the whole vocabulary (this shard's rows
+  x the tensor-parallel size); anything else raises ValueError naming the value. Positions with mask = 0
+  may hold any value (an ignore index, a fill id): they are never looked up.
+- acceptance is argmax semantics: a target is a top-1 hit when it is the first index attaining the
+  maximum logit, as `torch.argmax` picks it (under vocab parallelism, the global first argmax), so a
+  tie counts only for the lowest index and all-equal logits give acceptance ~1/V, not 1.
+
 Shapes: n = tokens (any leading dims flattened), h = hidden, v = this rank's vocabulary (shard).
 """
 
@@ -20,6 +31,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+# Default chunk for the MTP depths' head + CE: a [4096 x V] fp32 block is 0.8 GiB at V = 50k and 2.1 GiB at
+# DeepSeek-V3's 129k, against ~4 GiB of full logits kept per depth at the DESIGN.md §6 benchmark shape; at
+# 4096 the chunked path matched native MTP's peak memory there (BENCHMARKS.md, run 2). 0 = full logits.
+DEFAULT_LOSS_CHUNK_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -69,6 +85,47 @@ def _flatten(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
     return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), mask.reshape(-1).bool()
 
 
+def _check_targets(t_n: torch.Tensor, m_n: torch.Tensor, num_vocab: int) -> None:
+    """ValueError naming the first counted label outside [0, num_vocab).
+
+    One reduction and one host read per call (not per chunk); every tensor-parallel rank holds the same
+    labels, so all ranks raise together before any collective.
+    """
+    bad_n = m_n & ((t_n < 0) | (t_n >= num_vocab))
+    if bool(bad_n.any()):
+        values = t_n[bad_n]
+        raise ValueError(
+            f"label {int(values[0])} at a counted position is outside the vocabulary [0, {num_vocab}) "
+            f"({values.numel()} such labels); the data holds token ids the model's vocabulary does not: "
+            "build the model with the tokenizer's vocabulary size, or set the loss mask to 0 where a label "
+            "is an ignore index"
+        )
+
+
+def _num_vocab(weight_vh: torch.Tensor, tp_group) -> int:
+    # Megatron pads the vocabulary so that every tensor-parallel rank holds an equal shard.
+    return weight_vh.shape[0] * (dist.get_world_size(tp_group) if tp_group is not None else 1)
+
+
+def _top1_hits(
+    target_logit_n: torch.Tensor, max_n: torch.Tensor, num_earlier_maxima_n: torch.Tensor, m_n: torch.Tensor
+) -> torch.Tensor:
+    """First-argmax hits: the target attains the (global) max and no lower index does."""
+    return (target_logit_n == max_n) & (num_earlier_maxima_n == 0) & m_n
+
+
+def _earlier_maximum(
+    local_max_n: torch.Tensor, local_argmax_n: torch.Tensor, max_n: torch.Tensor, local_t_n: torch.Tensor
+) -> torch.Tensor:
+    """1 where this shard holds an index below the target that attains the global max, else 0.
+
+    `local_argmax_n` is the shard's first maximum (torch.max's documented tie rule): if any index of the
+    shard below the target attains the max, the first one does. A shard before the target's has
+    local_t_n >= its size (all its indices are below); a shard after it has local_t_n < 0 (none are).
+    """
+    return ((local_max_n == max_n) & (local_argmax_n < local_t_n)).to(max_n.dtype)
+
+
 def linear_cross_entropy_plain(
     hidden: torch.Tensor,
     weight_vh: torch.Tensor,
@@ -78,23 +135,30 @@ def linear_cross_entropy_plain(
     vocab_start: int = 0,
     tp_group=None,
 ) -> CrossEntropyStats:
-    """Reference path: full logits, autograd through everything."""
+    """Reference path: full logits, autograd through everything (conventions: module docstring)."""
     h_nh, t_n, m_n = _flatten(hidden, targets, mask)
-    logits_nv = torch.nn.functional.linear(h_nh, weight_vh).to(_compute_dtype(h_nh.dtype))
+    _check_targets(t_n, m_n, _num_vocab(weight_vh, tp_group))
+    logits_nv = torch.nn.functional.linear(h_nh, weight_vh.to(h_nh.dtype)).to(_compute_dtype(h_nh.dtype))
     local_t_n = t_n - vocab_start
     in_shard_n = (local_t_n >= 0) & (local_t_n < weight_vh.shape[0])
+    # Masked rows may hold any label: clamp so that the gather stays in bounds (their loss is zeroed).
+    picked_n = logits_nv.gather(1, local_t_n.clamp(0, logits_nv.shape[1] - 1)[:, None])[:, 0]
+    local_max_n, local_argmax_n = logits_nv.detach().max(dim=-1)
     if tp_group is None:
         lse_n = torch.logsumexp(logits_nv, dim=-1)
-        target_logit_n = logits_nv.gather(1, local_t_n.clamp(0, logits_nv.shape[1] - 1)[:, None])[:, 0]
-        max_n = logits_nv.max(dim=-1).values
+        target_logit_n = picked_n
+        max_n = local_max_n
+        earlier_n = _earlier_maximum(local_max_n, local_argmax_n, max_n, local_t_n)
     else:
-        max_n = _all_reduce(logits_nv.detach().max(dim=-1).values, dist.ReduceOp.MAX, tp_group)
-        sumexp_n = _AllReduceSum.apply(torch.exp(logits_nv - max_n[:, None]).sum(-1), tp_group)
+        max_n = _all_reduce(local_max_n.clone(), dist.ReduceOp.MAX, tp_group)
+        earlier_n = _earlier_maximum(local_max_n, local_argmax_n, max_n, local_t_n)
+        partial_3n = torch.stack(
+            [torch.exp(logits_nv - max_n[:, None]).sum(-1), picked_n * in_shard_n, earlier_n]
+        )
+        sumexp_n, target_logit_n, earlier_n = _AllReduceSum.apply(partial_3n, tp_group)
         lse_n = torch.log(sumexp_n) + max_n
-        picked_n = logits_nv.gather(1, local_t_n.clamp(0, logits_nv.shape[1] - 1)[:, None])[:, 0]
-        target_logit_n = _AllReduceSum.apply(picked_n * in_shard_n, tp_group)
     loss_n = (lse_n - target_logit_n) * m_n
-    correct_n = (target_logit_n.detach() >= max_n.detach()) & m_n
+    correct_n = _top1_hits(target_logit_n.detach(), max_n, earlier_n.detach(), m_n)
     return CrossEntropyStats(loss_n.sum(), m_n.sum(), correct_n.sum())
 
 
@@ -123,14 +187,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             in_shard_c = (local_t_c >= 0) & (local_t_c < num_vocab_local)
             safe_t_c = local_t_c.clamp(0, num_vocab_local - 1)
             target_logit_c = logits_cv.gather(1, safe_t_c[:, None])[:, 0] * in_shard_c
-            target_logit_c = _all_reduce(target_logit_c, dist.ReduceOp.SUM, tp_group)
-            max_c = _all_reduce(logits_cv.max(dim=-1).values, dist.ReduceOp.MAX, tp_group)
+            local_max_c, local_argmax_c = logits_cv.max(dim=-1)
+            max_c = _all_reduce(local_max_c.clone(), dist.ReduceOp.MAX, tp_group)
+            earlier_c = _earlier_maximum(local_max_c, local_argmax_c, max_c, local_t_c)
             # In place: the chunk's logits become exp(logits - max), then the softmax, then d(loss)/d(logits).
             exp_cv = logits_cv.sub_(max_c[:, None]).exp_()
-            sumexp_c = _all_reduce(exp_cv.sum(-1), dist.ReduceOp.SUM, tp_group)
+            # One sum-reduction for the three per-row partials (sum-exp, target logit, earlier maxima).
+            partial_3c = torch.stack([exp_cv.sum(-1), target_logit_c, earlier_c])
+            sumexp_c, target_logit_c, earlier_c = _all_reduce(partial_3c, dist.ReduceOp.SUM, tp_group)
             mask_c = m_n[start:stop]
             loss_sum += ((torch.log(sumexp_c) + max_c - target_logit_c) * mask_c).sum()
-            num_correct += ((target_logit_c >= max_c) & mask_c).sum()
+            num_correct += _top1_hits(target_logit_c, max_c, earlier_c, mask_c).sum()
             if needs_grad:
                 # d(sum CE)/d logits = softmax - onehot(target), zero on masked rows.
                 dlogits_cv = exp_cv.div_(sumexp_c[:, None])
@@ -171,7 +238,10 @@ def linear_cross_entropy(
     vocab_start: int = 0,
     tp_group=None,
 ) -> CrossEntropyStats:
-    """Σ CE(hidden @ weightᵀ, targets) over valid targets; `chunk_tokens > 0` takes the chunked path."""
+    """Σ CE(hidden @ weightᵀ, targets) over valid targets; `chunk_tokens > 0` takes the chunked path.
+
+    Both paths follow the module docstring's conventions (dtypes, label range, argmax acceptance).
+    """
     if chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be >= 0 (0 = plain path), got {chunk_tokens}")
     if chunk_tokens == 0:
@@ -179,6 +249,7 @@ def linear_cross_entropy(
             hidden, weight_vh, targets, mask, vocab_start=vocab_start, tp_group=tp_group
         )
     h_nh, t_n, m_n = _flatten(hidden, targets, mask)
+    _check_targets(t_n, m_n, _num_vocab(weight_vh, tp_group))
     loss_sum, num_tokens, num_correct = _ChunkedLinearCrossEntropy.apply(
         h_nh, weight_vh, t_n, m_n, chunk_tokens, vocab_start, tp_group
     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtp_plugin.core.cross_entropy import linear_cross_entropy
+from mtp_plugin.core.cross_entropy import DEFAULT_LOSS_CHUNK_TOKENS, linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,15 @@ class MTPLossOutput:
         return tuple(c / n.clamp(min=1) for c, n in zip(self.depth_num_correct, self.depth_num_tokens))
 
 
+_NO_DEPTHS = (
+    "needs at least one MTP depth; with num_depths = 0 (MTP off) use the main loss alone, or give one "
+    "hidden-state tensor, label tensor and mask per depth"
+)
+
+
 def default_depth_weights(num_depths: int) -> tuple[float, ...]:
+    if num_depths < 1:
+        raise ValueError(f"default_depth_weights({num_depths}) {_NO_DEPTHS}")
     return (1.0 / num_depths,) * num_depths
 
 
@@ -57,6 +65,8 @@ def weighted_depth_loss(
     per_token_sum: bool = False,
 ) -> torch.Tensor:
     """λ · Σ_k w_k · L_k, with L_k the mean over depth k's valid targets (or the sum, in per-token mode)."""
+    if not depth_loss_sums:
+        raise ValueError(f"weighted_depth_loss {_NO_DEPTHS}")
     total = torch.zeros((), dtype=torch.float32, device=depth_loss_sums[0].device)
     for loss_sum, num_tokens, weight in zip(depth_loss_sums, depth_num_tokens, depth_weights):
         total = total + weight * (loss_sum if per_token_sum else loss_sum / num_tokens.clamp(min=1))
@@ -72,7 +82,7 @@ def multi_token_loss(
     depth_masks: Sequence[torch.Tensor],
     lam: float,
     depth_weights: Sequence[float] | None = None,
-    chunk_tokens: int = 0,
+    chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS,
     per_token_sum: bool = False,
     vocab_start: int = 0,
     tp_group=None,
@@ -82,9 +92,12 @@ def multi_token_loss(
     depth_hidden[k-1]: depth k's hidden states after its final norm, [..., h]; depth_labels / depth_masks in
     the same leading layout (see `targets.depth_targets`). With `per_token_sum` the depth terms are sums
     over tokens (Megatron's `calculate_per_token_loss` mode: the caller divides by the global token count);
-    otherwise each depth contributes its mean over its own valid targets.
+    otherwise each depth contributes its mean over its own valid targets. `chunk_tokens` (default
+    `DEFAULT_LOSS_CHUNK_TOKENS`) scores the depths in chunks without full logits; 0 materialises them.
     """
     num_depths = len(depth_hidden)
+    if num_depths == 0:
+        raise ValueError(f"multi_token_loss {_NO_DEPTHS}")
     if not num_depths == len(depth_labels) == len(depth_masks):
         raise ValueError(
             f"got {num_depths} depth hidden states, {len(depth_labels)} label tensors and {len(depth_masks)} masks"

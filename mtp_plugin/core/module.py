@@ -84,6 +84,13 @@ class MTPStack(nn.Module):
         `embed(ids_bs, k)` maps the ids shifted left by k to embeddings in the layout of `hidden`, through the
         trunk's shared embedding (k lets an adapter shift position ids the same way).
         """
+        seq_len = input_ids_bs.shape[-1]
+        if self.num_depths >= seq_len:
+            # Depth k predicts t_(i+1+k): a window of S tokens has a target for depth k only while k < S.
+            raise ValueError(
+                f"MTPStack has {self.num_depths} depths but the window holds {seq_len} tokens; depth k needs "
+                f"k < sequence length, so lower num_depths below {seq_len} or train on longer sequences"
+            )
         outputs = []
         for k, depth in enumerate(self.depths, start=1):
             hidden = depth(hidden, embed(shift_left(input_ids_bs, k), k), **block_kwargs)

@@ -9,9 +9,11 @@ from torch import nn
 from mtp_plugin.core import (
     all_depth_targets,
     build_mtp_stack,
+    default_depth_weights,
     linear_cross_entropy,
     linear_cross_entropy_plain,
     multi_token_loss,
+    weighted_depth_loss,
 )
 
 B, S, H, V = 2, 7, 8, 11
@@ -208,3 +210,115 @@ def test_chunked_path_never_builds_full_logits():
             hidden, weight, torch.randint(0, v, (n,)), torch.ones(n, dtype=torch.bool), chunk_tokens=chunk
         )
     assert biggest and max(biggest) == chunk
+
+
+# --- issue 8: edge cases both paths must agree on ---------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_acceptance_is_first_argmax(chunk):
+    """A tie is a hit only for the first index attaining the max (torch.argmax), never for every tied index."""
+    n, v = 8, 5
+    hidden = torch.zeros(n, 4)
+    weight = torch.randn(v, 4)
+    targets = torch.arange(n) % v
+    mask = torch.ones(n, dtype=torch.bool)
+    # All logits equal (what lr 1e6 produced): only the targets equal to 0 (argmax) count.
+    stats = linear_cross_entropy(hidden, weight, targets, mask, chunk_tokens=chunk)
+    assert stats.num_correct.item() == int((targets == 0).sum()) == 2
+    # Integer logits with many ties, against torch.argmax row by row.
+    torch.manual_seed(3)
+    logits = torch.randint(0, 3, (64, v)).float()
+    targets = torch.randint(0, v, (64,))
+    mask = torch.rand(64) > 0.25
+    stats = linear_cross_entropy(logits, torch.eye(v), targets, mask, chunk_tokens=chunk)
+    expected = int(((logits.argmax(-1) == targets) & mask).sum())
+    tied_hits = int(((logits.gather(1, targets[:, None])[:, 0] == logits.max(-1).values) & mask).sum())
+    assert expected < tied_hits  # the data has ties the old ">= max" rule counted
+    assert stats.num_correct.item() == expected
+
+
+@pytest.mark.parametrize("chunk", [0, 4])
+@pytest.mark.parametrize("bad", [-1, 11, 500])
+def test_counted_label_outside_vocabulary_raises(chunk, bad):
+    hidden = torch.randn(6, 3)
+    weight = torch.randn(11, 3)
+    targets = torch.tensor([1, 2, bad, 4, 5, 6])
+    mask = torch.ones(6, dtype=torch.bool)
+    with pytest.raises(
+        ValueError, match=rf"label {bad} at a counted position is outside the vocabulary \[0, 11\)"
+    ):
+        linear_cross_entropy(hidden, weight, targets, mask, chunk_tokens=chunk)
+
+
+def test_masked_labels_may_hold_any_value_and_paths_agree():
+    torch.manual_seed(4)
+    hidden = torch.randn(6, 3, dtype=torch.float64)
+    weight = torch.randn(11, 3, dtype=torch.float64)
+    targets = torch.tensor([1, -100, 3, 999, 5, 6])  # an ignore index and a fill id, both masked
+    mask = torch.tensor([True, False, True, False, True, True])
+    plain = linear_cross_entropy(hidden, weight, targets, mask)
+    chunked = linear_cross_entropy(hidden, weight, targets, mask, chunk_tokens=4)
+    keep = mask.nonzero()[:, 0]
+    ref = linear_cross_entropy(hidden[keep], weight, targets[keep], torch.ones(4, dtype=torch.bool))
+    for stats in (plain, chunked):
+        torch.testing.assert_close(stats.loss_sum, ref.loss_sum, rtol=1e-12, atol=1e-12)
+        assert stats.num_tokens.item() == 4 and stats.num_correct.item() == ref.num_correct.item()
+
+
+def test_bf16_hidden_with_fp32_head_same_in_both_paths():
+    """Both paths run the head matmul in the hidden states' dtype; gradients come back in each input's dtype."""
+    torch.manual_seed(5)
+    hidden = torch.randn(12, 16).bfloat16().requires_grad_()
+    weight = torch.randn(40, 16, requires_grad=True)  # fp32
+    targets = torch.randint(0, 40, (12,))
+    mask = torch.rand(12) > 0.2
+    results = {}
+    for chunk in (0, 5):
+        hidden.grad = weight.grad = None
+        stats = linear_cross_entropy(hidden, weight, targets, mask, chunk_tokens=chunk)
+        stats.loss_sum.backward()
+        assert stats.loss_sum.dtype == torch.float32
+        assert hidden.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.float32
+        results[chunk] = (
+            stats.loss_sum.detach(),
+            hidden.grad.float(),
+            weight.grad.clone(),
+            stats.num_correct,
+        )
+    # The reference: the same bf16 matmul, written out; softmax and loss in fp32.
+    logits = (hidden.detach() @ weight.detach().bfloat16().t()).float()
+    ref = ((torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None])[:, 0]) * mask).sum()
+    for chunk, (loss, _, _, correct) in results.items():
+        torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5, msg=f"chunk {chunk}")
+        assert correct.item() == int(((logits.argmax(-1) == targets) & mask).sum())
+    torch.testing.assert_close(results[5][1], results[0][1], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(results[5][2], results[0][2], rtol=2e-2, atol=2e-2)
+
+
+def test_zero_depths_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs at least one MTP depth; with num_depths = 0"):
+        multi_token_loss(
+            main_loss=torch.tensor(1.0),
+            depth_hidden=[],
+            head_weight=torch.randn(5, 3),
+            depth_labels=[],
+            depth_masks=[],
+            lam=0.3,
+        )
+    with pytest.raises(ValueError, match="needs at least one MTP depth"):
+        default_depth_weights(0)
+    with pytest.raises(ValueError, match="needs at least one MTP depth"):
+        weighted_depth_loss(depth_loss_sums=[], depth_num_tokens=[], lam=0.3, depth_weights=[])
+
+
+def test_stack_rejects_depths_at_least_sequence_length():
+    stack = build_mtp_stack(num_depths=3, hidden_size=H, block_factory=lambda k: nn.Linear(H, H))
+    emb = nn.Embedding(V, H)
+    ids = torch.randint(0, V, (2, 3))
+    with pytest.raises(
+        ValueError, match="MTPStack has 3 depths but the window holds 3 tokens.*lower num_depths"
+    ):
+        stack(torch.randn(2, 3, H), ids, lambda shifted, k: emb(shifted))
+    ids = torch.randint(0, V, (2, 4))
+    assert len(stack(torch.randn(2, 4, H), ids, lambda shifted, k: emb(shifted))) == 3
