@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mtp_plugin.core.cross_entropy import DEFAULT_LOSS_CHUNK_TOKENS
 from mtp_plugin.core.schedules import (
     SCHEDULE_KINDS,
     ConstantLambda,
@@ -62,7 +63,8 @@ class MTPConfig:
     num_depths: D, the number of sequential MTP modules (0 disables MTP).
     lambda_schedule: λ(consumed tokens) weighting Σ_k w_k L_k against the main loss.
     depth_weights: w_k, non-negative, summing to 1; empty means 1/D each (DeepSeek-V3).
-    loss_chunk_tokens: tokens per chunk of the fused head + cross-entropy; 0 materialises full logits.
+    loss_chunk_tokens: tokens per chunk of the fused head + cross-entropy of the MTP depths (default
+      4096: no depth ever holds its full [tokens x vocab] logits); 0 materialises full logits.
     mask_across_eod: per-document targets: a depth-k target in the next document is not scored.
     placement: "last" (MTP, head and loss on the last pipeline stage) or "stage" (MTP on `mtp_stage`,
       later stages carry hidden states on to the head and loss).
@@ -72,7 +74,7 @@ class MTPConfig:
     num_depths: int = 1
     lambda_schedule: LambdaScheduleConfig = field(default_factory=LambdaScheduleConfig)
     depth_weights: list[float] = field(default_factory=list)
-    loss_chunk_tokens: int = 0
+    loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS
     mask_across_eod: bool = False
     placement: str = "last"
     mtp_stage: int | None = None

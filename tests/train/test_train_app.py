@@ -153,6 +153,22 @@ def test_missing_dataset(tmp_path):
     assert "data.train_prefix" in message and "make data" in message
 
 
+def test_shipped_mtp_configs_score_the_depths_in_chunks():
+    """Memory-flat by default: no shipped config keeps a depth's full logits; 0 stays an explicit choice."""
+    from mtp_plugin.config import MTPConfig
+    from mtp_plugin.core import DEFAULT_LOSS_CHUNK_TOKENS
+
+    assert MTPConfig().loss_chunk_tokens == DEFAULT_LOSS_CHUNK_TOKENS == 4096
+    overrides = [f"mtp={o}" for o in group_options()["mtp"]] + [
+        f"experiment={o}" for o in group_options()["experiment"]
+    ]
+    for override in overrides:
+        mtp = _experiment(override).mtp
+        if mtp.enabled:
+            assert mtp.loss_chunk_tokens >= 1024, override
+    assert _experiment("mtp.loss_chunk_tokens=0").mtp.loss_chunk_tokens == 0
+
+
 def test_clip_grad_on_cpu_is_rejected_before_launch():
     experiment = _experiment("training.clip_grad=1.0")
     with pytest.raises(ConfigError) as err:
