@@ -70,3 +70,19 @@ def read_indexed_dataset(prefix: str | Path) -> list[np.ndarray]:
     # Copies: the items are views of a memory map that IndexedDataset.__del__ closes, and a view that
     # outlives it segfaults on access.
     return [np.array(dataset[i]) for i in range(len(dataset))]
+
+
+def max_token_id(prefix: str | Path) -> int:
+    """The largest token id in `prefix.bin` (-1 if it holds none), to check data against a vocabulary.
+
+    One memory-mapped pass over the file at memory (or disk) bandwidth; nothing is loaded into RAM.
+    """
+    indexed_dataset = _indexed_dataset_module()
+    dataset = indexed_dataset.IndexedDataset(str(prefix), mmap=True)
+    dtype = dataset.index.dtype
+    del dataset
+    bin_path = indexed_dataset.get_bin_path(str(prefix))
+    if Path(bin_path).stat().st_size == 0:
+        return -1
+    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
+    return int(tokens.max())

@@ -31,6 +31,25 @@ class _TokenInfo:
         return {"class": "IndexedTokens", "eod": self.eod, "vocab_size": self.vocab_size}
 
 
+def check_token_range(data: DataConfig, model: ModelConfig) -> None:
+    """ValueError if a dataset holds a token id outside the model's vocabulary (`model.vocab_size`).
+
+    Such an id would index past the embedding table or score a label the head cannot predict; the loss
+    rejects it too, but only once training runs. One memory-mapped pass over each `.bin`.
+    """
+    from mtp_plugin.data.indexed import max_token_id
+
+    for name in ("prefix", "train_prefix", "valid_prefix"):
+        prefix = getattr(data, name)
+        top = max_token_id(prefix) if prefix else -1
+        if top >= model.vocab_size:
+            raise ValueError(
+                f"data.{name}={prefix} holds token id {top} but model.vocab_size={model.vocab_size}; the data "
+                f"was tokenized with a larger vocabulary: set model.vocab_size to that tokenizer's size "
+                f"(> {top}) or re-tokenize the data with the model's tokenizer"
+            )
+
+
 def build_datasets(
     data: DataConfig, model: ModelConfig, training: TrainingConfig, *, seed: int
 ) -> tuple[torch.utils.data.Dataset, torch.utils.data.Dataset | None]:

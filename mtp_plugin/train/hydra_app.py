@@ -131,6 +131,9 @@ def validate_for_launch(experiment: ExperimentConfig, *, world_size: int, cuda: 
         check_supported(experiment.model, experiment.parallel, experiment.mtp)
         # Files last: every configuration error is reported even before the corpus has been prepared.
         experiment.data.check_files()
+        from mtp_plugin.train.data import check_token_range
+
+        check_token_range(experiment.data, experiment.model)
     except (ValueError, FileNotFoundError) as err:
         raise ConfigError(f"error: {err}") from None
 

@@ -153,6 +153,28 @@ def test_missing_dataset(tmp_path):
     assert "data.train_prefix" in message and "make data" in message
 
 
+def test_dataset_with_token_ids_beyond_the_vocabulary_is_rejected_before_launch(tmp_path):
+    from mtp_plugin.data import max_token_id, write_indexed_dataset
+
+    prefix = str(tmp_path / "wide_text_document")
+    # Tokenized with a 1024-id vocabulary (ids up to 700), trained with a 512-id model.
+    write_indexed_dataset(prefix, [[5, 700, 9], [3, 4]], eod_id=1023, vocab_size=1024)
+    assert max_token_id(prefix) == 1023
+    experiment = _experiment(
+        f"data.train_prefix={prefix}", "data.valid_prefix=null", "model.vocab_size=512", "data.eod_id=511"
+    )
+    with pytest.raises(ConfigError) as err:
+        validate_for_launch(experiment, world_size=1, cuda=False)
+    message = _one_line(err.value)
+    assert f"data.train_prefix={prefix} holds token id 1023 but model.vocab_size=512" in message
+    assert "set model.vocab_size" in message
+    # The same data under a vocabulary that holds it passes every check.
+    fits = _experiment(
+        f"data.train_prefix={prefix}", "data.valid_prefix=null", "model.vocab_size=1024", "data.eod_id=1023"
+    )
+    validate_for_launch(fits, world_size=1, cuda=False)
+
+
 def test_shipped_mtp_configs_score_the_depths_in_chunks():
     """Memory-flat by default: no shipped config keeps a depth's full logits; 0 stays an explicit choice."""
     from mtp_plugin.config import MTPConfig
