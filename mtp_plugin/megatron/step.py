@@ -1,22 +1,37 @@
 """forward_step / loss_func for `get_forward_backward_func`, and the per-depth metrics the caller owns.
 
-Loss, with L_k each depth's mean CE over its valid targets and w_k the depth weights:
-    total = L_main + λ · Σ_k w_k · L_k                         (default: per micro-batch means)
-Megatron's schedule divides what loss_func returns by the token count it also returns (and by the
-number of micro-batches), so we return `main_sum + n_main · λ Σ w_k L_k` with n_main: after the division
-this is exactly L_main + λ Σ w_k L_k per micro-batch, the same normalisation as Megatron's native MTP.
-In per-token mode (`calculate_per_token_loss`) the schedule does not divide and the gradients are scaled
-by the global token count instead; then the depth terms enter as sums: `main_sum + λ Σ w_k sum_k`.
+What λ · Σ_k w_k · L_k means across micro-batches and data-parallel ranks follows the main loss's mode
+(DESIGN.md §2; docs/normalisation.md works an example). M micro-batches per rank, R data-parallel ranks,
+CE_main / CE_k the per-target cross-entropies, N the valid-target counts.
+
+Default mode (Megatron's main loss averaged per micro-batch): each micro-batch contributes its own means,
+    L(r, m) = L_main(r, m) + λ · Σ_k w_k · L_k(r, m),   L_k(r, m) = Σ CE_k(r, m) / N_k(r, m),
+and the gradient is that of (1 / (M·R)) · Σ_{r,m} L(r, m). loss_func returns
+`main_sum + n_main · λ Σ w_k L_k` with the micro-batch's n_main: the schedule divides by n_main and by M,
+DDP averages over the R ranks. This is Megatron's native MTP normalisation; a micro-batch with few depth-k
+targets weighs as much as one with many.
+
+Per-token mode (`calculate_per_token_loss`): the schedule does not divide, DDP sums over ranks and
+`finalize_model_grads` divides by the global main count N_main = Σ_{r,m} n_main. The intended loss is
+    L = Σ_{r,m} Σ CE_main / N_main + λ · Σ_k w_k · Σ_{r,m} Σ CE_k / N_k,   N_k = Σ_{r,m} n_k,
+each depth normalised by its own global target count (Megatron-LM issue #7452: dividing depth k by the
+main count, or by local counts, biases the gradient when counts differ across micro-batches and ranks).
+`global_target_counts` computes N_main and N_k before the step (one all-reduce over the data-parallel
+group); given them, loss_func returns `main_sum + λ Σ w_k (N_main / N_k) sum_k`, which Megatron's
+division turns into exactly L. Without them, per-token mode returns `main_sum + λ Σ w_k sum_k`, i.e.
+depth k divided by N_main: native Megatron's per-token behaviour, kept for parity with it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.distributed as dist
 
-from mtp_plugin.core import weighted_depth_loss
+from mtp_plugin.core import depth_targets, weighted_depth_loss
 
 
 class MTPMetrics:
@@ -111,6 +126,60 @@ class MTPMetrics:
         return out
 
 
+@dataclass(frozen=True, kw_only=True)
+class GlobalTargetCounts:
+    """Valid targets of one step's whole global batch: every micro-batch of every data-parallel rank.
+
+    main_tokens: N_main, the loss-mask sum Megatron's per-token mode divides the gradients by (scalar).
+    depth_tokens: N_k for k = 1..D, counted with the model's own rule (`mtp_plugin.core.depth_targets`).
+    """
+
+    main_tokens: torch.Tensor
+    depth_tokens: torch.Tensor
+
+    @property
+    def num_depths(self) -> int:
+        return self.depth_tokens.numel()
+
+    def depth_scales(self) -> torch.Tensor:
+        """N_main / N_k per depth (0 where depth k has no target): turns the division by N_main into one by N_k."""
+        scale_d = self.main_tokens / self.depth_tokens.clamp(min=1)
+        return torch.where(self.depth_tokens > 0, scale_d, torch.zeros_like(scale_d))
+
+
+def global_target_counts(
+    batches: Iterable[dict], num_depths: int, dp_group=None, *, eod_id: int | None = None
+) -> GlobalTargetCounts:
+    """N_main and N_1..N_D over the global batch, from this rank's micro-batches of the step.
+
+    batches: this rank's micro-batches of the step (dicts with `tokens`, `labels`, `loss_mask`, as
+      Megatron's GPTDataset yields them); materialise the step's iterator into a list first.
+    dp_group: the group Megatron's `finalize_model_grads` all-reduces the token count over (the
+      data-parallel group, with context parallelism if any); None counts this rank alone.
+    eod_id: the model's `eod_id` (per-document targets), exactly as the model was built with it.
+    Call on every rank of `dp_group` (they hold the same pipeline stage); one all-reduce of D + 1 numbers.
+    """
+    counts = None
+    for batch in batches:
+        tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch.get("loss_mask")
+        if loss_mask is None:
+            loss_mask = torch.ones_like(labels, dtype=torch.bool)
+        # The main count is what mtp_loss_func returns to the schedule; depth k's is the model's own rule.
+        parts = [loss_mask.float().sum()] + [
+            depth_targets(tokens, labels, loss_mask, k, eod_id=eod_id).loss_mask_bs.sum()
+            for k in range(1, num_depths + 1)
+        ]
+        vector = torch.stack([p.to(torch.float64) for p in parts])
+        counts = vector if counts is None else counts + vector
+    if counts is None:
+        raise ValueError("global_target_counts: no micro-batches given; pass the step's list of batches")
+    if dp_group is not None and dist.is_initialized():
+        if dist.get_backend(dp_group) == "nccl":
+            counts = counts.cuda()
+        dist.all_reduce(counts, group=dp_group)
+    return GlobalTargetCounts(main_tokens=counts[0], depth_tokens=counts[1:])
+
+
 def mtp_loss_func(
     loss_mask: torch.Tensor,
     output,
@@ -119,8 +188,18 @@ def mtp_loss_func(
     depth_weights: tuple[float, ...] | None = None,
     metrics: MTPMetrics | None = None,
     per_token_loss: bool = False,
+    global_counts: GlobalTargetCounts | None = None,
 ):
-    """Megatron-LM-style loss_func: returns (loss, num_tokens, report dict) for the schedule."""
+    """Megatron-LM-style loss_func: returns (loss, num_tokens, report dict) for the schedule.
+
+    per_token_loss: must match the schedule's `calculate_per_token_loss`. global_counts: this step's
+    `global_target_counts`, per-token mode only; it normalises depth k by N_k (module docstring).
+    """
+    if global_counts is not None and not per_token_loss:
+        raise ValueError(
+            "global_counts normalises per-token mode (calculate_per_token_loss); in the default mode each "
+            "micro-batch's depth means are used, so drop global_counts or set per_token_loss=True"
+        )
     if isinstance(output, tuple):
         main_loss_bs, depth_sums, depth_counts = output
     else:
@@ -133,6 +212,15 @@ def mtp_loss_func(
     if depth_sums is not None:
         num_depths = depth_sums.shape[0]
         weights = depth_weights or tuple(1.0 / num_depths for _ in range(num_depths))
+        if global_counts is not None:
+            if global_counts.num_depths != num_depths:
+                raise ValueError(
+                    f"global_counts has {global_counts.num_depths} depths, the model output {num_depths}; "
+                    "count with the model's num_depths"
+                )
+            # Device tensors, not floats: no host sync per micro-batch.
+            scales_d = global_counts.depth_scales().to(depth_sums.device, depth_sums.dtype)
+            weights = tuple(w * scales_d[k] for k, w in enumerate(weights))
         mtp_term = weighted_depth_loss(
             depth_loss_sums=list(depth_sums),
             depth_num_tokens=list(depth_counts[:, 0]),
@@ -159,8 +247,12 @@ def mtp_forward_step(
     metrics: MTPMetrics | None = None,
     depth_weights: tuple[float, ...] | None = None,
     per_token_loss: bool = False,
+    global_counts: GlobalTargetCounts | None = None,
 ):
-    """forward_step_func for `get_forward_backward_func`. Batches: dicts as Megatron's GPTDataset yields."""
+    """forward_step_func for `get_forward_backward_func`. Batches: dicts as Megatron's GPTDataset yields.
+
+    In per-token mode pass the step's `global_counts` (see the module docstring).
+    """
     batch = next(data_iterator) if data_iterator is not None else {}
     tokens = batch.get("tokens")
     output = model(
@@ -177,4 +269,5 @@ def mtp_forward_step(
         depth_weights=depth_weights,
         metrics=metrics,
         per_token_loss=per_token_loss,
+        global_counts=global_counts,
     )

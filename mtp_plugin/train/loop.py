@@ -229,6 +229,8 @@ class Trainer:
     def _forward_backward(self, dataset, metrics, first_sample: int, lam: float, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from mtp_plugin.megatron.step import global_target_counts
+
         tr = self.cfg.training
         batches = train_data.micro_batches(
             dataset,
@@ -239,8 +241,21 @@ class Trainer:
             dp_size=self.dp_size,
             device=self.device,
         )
+        # The loss follows the schedule's mode; per-token mode divides depth k by its global target count.
+        per_token, counts = self.tf_config.calculate_per_token_loss, None
+        if per_token and self.cfg.mtp.enabled:
+            batches = list(batches)
+            counts = global_target_counts(
+                batches, self.cfg.mtp.num_depths, self.dp_group, eod_id=self.model.eod_id
+            )
+            batches = iter(batches)
         step = functools.partial(
-            mtp_forward_step, metrics=metrics, lam=lam, depth_weights=self.cfg.mtp.weights or None
+            mtp_forward_step,
+            metrics=metrics,
+            lam=lam,
+            depth_weights=self.cfg.mtp.weights or None,
+            per_token_loss=per_token,
+            global_counts=counts,
         )
         get_forward_backward_func()(
             forward_step_func=step,
