@@ -36,6 +36,9 @@ $(STAMP019): requirements/lock.txt requirements/dev.txt pyproject.toml
 	$(VENV019)/bin/python -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
 	$(VENV019)/bin/python -m pip install -q -c requirements/lock.txt triton==3.9.0
 	$(VENV019)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	# The wheel ships megatron/core/datasets' prebuilt helpers but not their Makefile, and Megatron-LM's
+	# initialize_megatron runs `make` there at start-up; a no-op Makefile lets it use the prebuilt .so.
+	$(VENV019)/bin/python -c "import os, megatron.core.datasets as d; p = os.path.join(d.__path__[0], 'Makefile'); os.path.exists(p) or open(p, 'w').write('default:\n\t@true\n')"
 	touch $(STAMP019)
 
 test-mcore019: setup-mcore019

@@ -1,31 +1,42 @@
 """Drop-in MTP for Megatron-LM jobs built on `pretrain_gpt.py` (Megatron-LM core_v0.16 – core_v0.19).
 
-Three of the job's own pieces are swapped through `pretrain()`'s official hooks; nothing in Megatron-LM
-is patched (examples/megatron_lm/README.md shows the diff):
+The model is Megatron-LM's own: its TransformerConfig (from its arguments), its layer-spec choice (local or
+TE, MoE, MLA, heterogeneous, `--spec`) and its native MTP block spec (the trunk's last-layer spec, as
+`get_gpt_mtp_block_spec` builds it). Megatron-LM's own builder builds it; the plugin then takes over the MTP
+layers' forward and loss (`MTPGPTModel.from_gpt_model`): nothing is rebuilt and no argument is re-mapped
+into a configuration of the plugin's. The plugin contributes only the λ schedule, the loss and the
+per-depth metrics. Three lines of `pretrain_gpt.py` change (examples/megatron_lm/*.patch):
 
-    extra_args_provider = add_mtp_args               # the --mtp-plugin-* flags
-    model_provider      = model_provider             # GPTModel + the plugin's MTP depths
-    forward_step_func   = make_forward_step(get_batch)   # the job's get_batch, the plugin's loss
+    extra_args_provider   add_mtp_args                          the --mtp-plugin-* flags
+    model                 core_v0.19: mtp_gpt_config_from_args(args)  (a GPTModelConfig whose builder is the
+                          plugin's, the extension point core_v0.19's config container offers, as ModelOpt's)
+                          core_v0.16 – v0.18: partial(model_provider, mtp_gpt_builder(gpt_builder))
+    forward_step_func     make_forward_step(get_batch)          the job's get_batch, the plugin's loss
 
-Keep Megatron's `--mtp-num-layers D`: it is what tells Megatron-LM's data path (tokens reach the MTP
-stage), pipeline layout and embedding group that D MTP layers exist. The plugin's provider builds its
-own depths in place of Megatron's MTP block, so `--mtp-loss-scaling-factor` is unused; λ comes from
-`--mtp-plugin-lambda-*`, a function of the tokens consumed so far (args.consumed_train_samples x
-seq_length). The loss function's report carries `mtp_{k} loss` and `mtp_{k} acceptance` as (sum, count)
-pairs, which Megatron-LM's `training_log` averages over data-parallel ranks and prints like `lm loss`.
+Keep Megatron's `--mtp-num-layers D` (and `--pipeline-model-parallel-layout` for where MTP runs): Megatron-LM
+routes tokens, lays out stages and forms the embedding group from them. λ: `--mtp-plugin-lambda-*`, a
+function of consumed tokens (args.consumed_train_samples x seq_length); without those flags λ is Megatron's
+constant `--mtp-loss-scaling-factor`, so a native MTP job keeps its λ. The loss function's report carries
+`mtp_{k} loss` and `mtp_{k} acceptance` as (sum, count) pairs, which Megatron-LM's `train_step` sums over
+micro-batches and data-parallel ranks and `training_log` prints and writes to TensorBoard like `lm loss`.
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 from typing import Any
 
-from mtp_plugin.config import LambdaScheduleConfig, ModelConfig, MTPConfig, ParallelConfig
+from mtp_plugin.config import LambdaScheduleConfig, MTPConfig
 from mtp_plugin.core.schedules import SCHEDULE_KINDS
+
+# Megatron-LM's default for --mtp-loss-scaling-factor (megatron/training/arguments.py, all supported tags).
+MEGATRON_DEFAULT_MTP_LOSS_SCALING = 0.1
+DEFAULT_CHUNK_TOKENS = 4096
 
 # Field order of pretrain_gpt.get_batch's return value: core_v0.19 returns BATCH_KEYS (alphabetical);
 # core_v0.16 – v0.18 return (tokens, labels, loss_mask, attention_mask, position_ids, packed_seq_params).
-_BATCH_KEYS_V019 = (
+BATCH_KEYS_V019 = (
     "attention_mask",
     "cu_seqlens",
     "cu_seqlens_padded",
@@ -44,24 +55,19 @@ def add_mtp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM `extra_args_provider`: the plugin's flags, all prefixed `--mtp-plugin-`."""
     group = parser.add_argument_group("mtp-plugin", "DeepSeek-V3-style multi-token prediction (mtp_plugin)")
     group.add_argument(
-        "--mtp-plugin-num-depths",
-        type=int,
-        default=None,
-        help="D, sequential MTP depths. Default: Megatron's --mtp-num-layers, which must be set and equal.",
-    )
-    group.add_argument(
         "--mtp-plugin-lambda-schedule",
         choices=sorted(SCHEDULE_KINDS),
-        default="constant",
-        help="λ as a function of consumed tokens: constant | piecewise | linear | cosine.",
+        default=None,
+        help="λ as a function of consumed tokens: constant | piecewise | linear | cosine. "
+        "Default: Megatron's constant --mtp-loss-scaling-factor.",
     )
     group.add_argument(
         "--mtp-plugin-lambda-values",
         type=float,
         nargs="+",
-        default=[0.1],
+        default=None,
         help="constant: one λ; piecewise: one more than the boundaries (DeepSeek-V3: 0.3 0.1); "
-        "linear/cosine: start end.",
+        "linear/cosine: start end. Replaces --mtp-loss-scaling-factor (give one or the other).",
     )
     group.add_argument(
         "--mtp-plugin-lambda-boundaries",
@@ -80,16 +86,10 @@ def add_mtp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--mtp-plugin-chunk-tokens",
         type=int,
-        default=0,
-        help="Tokens per chunk of the fused head + cross-entropy (0: full logits per depth).",
+        default=DEFAULT_CHUNK_TOKENS,
+        help="Tokens per chunk of the fused head + cross-entropy of the MTP depths, so no depth's full "
+        f"logits are kept for backward (default {DEFAULT_CHUNK_TOKENS}; 0: full logits per depth).",
     )
-    group.add_argument(
-        "--mtp-plugin-placement",
-        choices=["last", "stage"],
-        default="last",
-        help="last: MTP with the head on the last pipeline stage; stage: on --mtp-plugin-stage.",
-    )
-    group.add_argument("--mtp-plugin-stage", type=int, default=None, help="Pipeline stage of the MTP depths.")
     group.add_argument(
         "--mtp-plugin-mask-across-eod",
         action="store_true",
@@ -99,11 +99,22 @@ def add_mtp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def lambda_schedule_from_args(args: argparse.Namespace) -> LambdaScheduleConfig:
-    kind, values, bounds = (
-        args.mtp_plugin_lambda_schedule,
-        list(args.mtp_plugin_lambda_values),
-        list(args.mtp_plugin_lambda_boundaries),
+    """λ from the plugin's flags; without them, Megatron's constant --mtp-loss-scaling-factor."""
+    native = getattr(args, "mtp_loss_scaling_factor", MEGATRON_DEFAULT_MTP_LOSS_SCALING)
+    kind, values = args.mtp_plugin_lambda_schedule, args.mtp_plugin_lambda_values
+    if kind is None and values is None:
+        return LambdaScheduleConfig(kind="constant", value=native)
+    if native != MEGATRON_DEFAULT_MTP_LOSS_SCALING:
+        raise ValueError(
+            f"--mtp-loss-scaling-factor {native} and --mtp-plugin-lambda-* both set λ; give one: "
+            "--mtp-loss-scaling-factor alone for a constant λ, or the --mtp-plugin-lambda-* flags for a schedule"
+        )
+    warnings.warn(
+        "mtp_plugin: λ comes from --mtp-plugin-lambda-*; --mtp-loss-scaling-factor is not used", stacklevel=2
     )
+    kind = kind or "constant"
+    values = list(values) if values is not None else [native]
+    bounds = list(args.mtp_plugin_lambda_boundaries)
     if kind == "constant":
         if len(values) != 1:
             raise ValueError(f"--mtp-plugin-lambda-values takes one value for a constant λ, got {values}")
@@ -121,17 +132,15 @@ def lambda_schedule_from_args(args: argparse.Namespace) -> LambdaScheduleConfig:
 
 
 def mtp_config_from_args(args: argparse.Namespace) -> MTPConfig:
-    """The plugin's MTPConfig from parsed Megatron-LM args; rejects a D that disagrees with --mtp-num-layers."""
-    native = getattr(args, "mtp_num_layers", None)
-    depths = args.mtp_plugin_num_depths if args.mtp_plugin_num_depths is not None else native
+    """The plugin's MTP settings from parsed Megatron-LM args. D is Megatron's --mtp-num-layers."""
+    depths = getattr(args, "mtp_num_layers", None)
     if not depths:
         raise ValueError(
-            "set --mtp-num-layers D (Megatron's flag; the plugin builds the depths) to enable MTP"
+            "set --mtp-num-layers D (Megatron's flag; the plugin trains those D depths) to enable MTP"
         )
-    if native != depths:
+    if getattr(args, "mtp_use_repeated_layer", False):
         raise ValueError(
-            f"--mtp-plugin-num-depths={depths} but --mtp-num-layers={native}; Megatron-LM routes tokens and "
-            "lays out stages from --mtp-num-layers, so set both to the same D (or drop --mtp-plugin-num-depths)"
+            "--mtp-use-repeated-layer shares one layer across depths; mtp_plugin needs one per depth"
         )
     return MTPConfig(
         num_depths=depths,
@@ -139,136 +148,52 @@ def mtp_config_from_args(args: argparse.Namespace) -> MTPConfig:
         depth_weights=list(args.mtp_plugin_depth_weights),
         loss_chunk_tokens=args.mtp_plugin_chunk_tokens,
         mask_across_eod=args.mtp_plugin_mask_across_eod,
-        placement=args.mtp_plugin_placement,
-        mtp_stage=args.mtp_plugin_stage,
     )
 
 
-def _first_dense_layers(args: argparse.Namespace) -> int:
-    freq = getattr(args, "moe_layer_freq", 1)
-    if isinstance(freq, int):
-        pattern = [1 if i % freq == 0 else 0 for i in range(args.num_layers)]
-    else:
-        pattern = list(freq)
-    return next((i for i, is_moe in enumerate(pattern) if is_moe), args.num_layers)
-
-
-def model_config_from_args(args: argparse.Namespace) -> ModelConfig:
-    """The plugin's ModelConfig from Megatron-LM args (after tokenizer setup, which sets padded_vocab_size).
-
-    The vocabulary is taken already padded (Megatron-LM pads by make_vocab_size_divisible_by x TP).
-    """
-    if getattr(args, "position_embedding_type", "rope") != "rope":
-        raise ValueError(
-            f"--position-embedding-type {args.position_embedding_type}: the plugin's MTP model uses RoPE; "
-            "pass --position-embedding-type rope"
-        )
-    vocab = getattr(args, "padded_vocab_size", None) or args.vocab_size
-    num_experts = getattr(args, "num_experts", None) or 0
-    return ModelConfig(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups if getattr(args, "group_query_attention", False) else None,
-        ffn_hidden_size=args.ffn_hidden_size,
-        seq_length=args.seq_length,
-        vocab_size=vocab,
-        make_vocab_size_divisible_by=1,
-        num_experts=num_experts,
-        moe_router_topk=getattr(args, "moe_router_topk", 2),
-        moe_ffn_hidden_size=getattr(args, "moe_ffn_hidden_size", None),
-        moe_shared_expert_size=getattr(args, "moe_shared_expert_intermediate_size", None) or 0,
-        first_dense_layers=_first_dense_layers(args) if num_experts else 1,
-        moe_aux_loss_coeff=float(getattr(args, "moe_aux_loss_coeff", 0.0) or 0.0),
-        moe_token_dispatcher_type=getattr(args, "moe_token_dispatcher_type", "alltoall"),
-        untie_embeddings_and_output_weights=getattr(args, "untie_embeddings_and_output_weights", False),
-        init_method_std=getattr(args, "init_method_std", 0.02),
-        rotary_base=getattr(args, "rotary_base", 10000),
-    )
-
-
-def parallel_config_from_args(args: argparse.Namespace) -> ParallelConfig:
-    return ParallelConfig(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        expert_model_parallel_size=getattr(args, "expert_model_parallel_size", 1),
-        context_parallel_size=getattr(args, "context_parallel_size", 1),
-        sequence_parallel=getattr(args, "sequence_parallel", False),
-    )
-
-
-def _eod_id(args: argparse.Namespace) -> int | None:
-    if not args.mtp_plugin_mask_across_eod:
+def _eod_id(mtp: MTPConfig) -> int | None:
+    if not mtp.mask_across_eod:
         return None
     from megatron.training import get_tokenizer
 
     return get_tokenizer().eod
 
 
-def build_model_from_args(
-    args: argparse.Namespace,
-    *,
-    pre_process: bool = True,
-    post_process: bool = True,
-    vp_stage: int | None = None,
-    config=None,
-    eod_id: int | None = None,
-):
-    """This pipeline stage of the plugin's MTP GPT model, from Megatron-LM args.
+def to_mtp_model(model, mtp: MTPConfig):
+    """A GPTModel stage that Megatron-LM built with its native MTP block -> the plugin's MTPGPTModel."""
+    from mtp_plugin.megatron.model import MTPGPTModel
 
-    config: the TransformerConfig Megatron-LM passes to the model provider (core_v0.16+). Without one
-    (a script outside Megatron-LM), it is built from the args by the plugin's mapping.
+    model = MTPGPTModel.from_gpt_model(model, loss_chunk_tokens=mtp.loss_chunk_tokens, eod_id=_eod_id(mtp))
+    model.mtp_config = mtp
+    return model
+
+
+def mtp_gpt_builder(gpt_builder):
+    """core_v0.16 – v0.18: wrap Megatron-LM's own `gpt_builder` (gpt_builders.py) so its model gets the plugin's MTP.
+
+    In pretrain_gpt.py: `partial(model_provider, lm_patch.mtp_gpt_builder(gpt_builder))`.
     """
-    import torch
-    from megatron.core.models.gpt.gpt_layer_specs import (
-        get_gpt_decoder_block_spec,
-        get_gpt_layer_local_spec,
-        get_gpt_layer_with_transformer_engine_spec,
-    )
 
-    from mtp_plugin.megatron import build_mtp_gpt_model, check_supported, transformer_config_from
-
-    model_cfg = model_config_from_args(args)
-    mtp_cfg = mtp_config_from_args(args)
-    parallel_cfg = parallel_config_from_args(args)
-    check_supported(model_cfg, parallel_cfg, mtp_cfg)
-    if config is None:
-        dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float32
-        config = transformer_config_from(model_cfg, parallel_cfg, mtp_cfg, params_dtype=dtype)
-    if config.mtp_num_layers != mtp_cfg.num_depths:
-        raise ValueError(
-            f"TransformerConfig.mtp_num_layers={config.mtp_num_layers} but the plugin has {mtp_cfg.num_depths} "
-            "depths; pass --mtp-num-layers D"
+    def builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
+        mtp = mtp_config_from_args(args)
+        model = gpt_builder(
+            args, pre_process, post_process, vp_stage, config=config, pg_collection=pg_collection
         )
-    use_te = getattr(args, "transformer_impl", "local") == "transformer_engine"
-    if config.num_moe_experts:
-        trunk_spec = get_gpt_decoder_block_spec(
-            config, use_transformer_engine=use_te, normalization=config.normalization, vp_stage=vp_stage
-        )
-    elif use_te:
-        trunk_spec = get_gpt_layer_with_transformer_engine_spec()
-    else:
-        trunk_spec = get_gpt_layer_local_spec(normalization=config.normalization)
-    return build_mtp_gpt_model(
-        model_cfg,
-        mtp_cfg,
-        config,
-        pre_process=pre_process,
-        post_process=post_process,
-        vp_stage=vp_stage,
-        eod_id=eod_id if eod_id is not None else _eod_id(args),
-        transformer_layer_spec=trunk_spec,
-    )
+        return to_mtp_model(model, mtp)
+
+    return builder
 
 
-def model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None):
-    """Megatron-LM model provider (the signature `get_model` calls in core_v0.16 – v0.19)."""
-    from megatron.training import get_args
+def mtp_gpt_config_from_args(args: argparse.Namespace):
+    """core_v0.19: Megatron-LM's `gpt_config_from_args`, with the plugin's builder and MTP settings."""
+    from megatron.training.argument_utils import gpt_config_from_args
 
-    del pg_collection  # the model takes Megatron's global groups, as GPTModel does by default
-    return build_model_from_args(
-        get_args(), pre_process=pre_process, post_process=post_process, vp_stage=vp_stage, config=config
-    )
+    from mtp_plugin.megatron.lm_builder import MTPGPTModelConfig
+
+    mtp = mtp_config_from_args(args)
+    model_cfg = gpt_config_from_args(args, model_config_cls=MTPGPTModelConfig)
+    model_cfg.mtp_plugin = mtp
+    return model_cfg
 
 
 def batch_as_dict(values) -> dict[str, Any]:
@@ -276,7 +201,7 @@ def batch_as_dict(values) -> dict[str, Any]:
     if isinstance(values, dict):
         return values
     values = list(values)
-    keys = {len(_BATCH_KEYS_V019): _BATCH_KEYS_V019, len(_BATCH_KEYS_V016): _BATCH_KEYS_V016}.get(len(values))
+    keys = {len(BATCH_KEYS_V019): BATCH_KEYS_V019, len(_BATCH_KEYS_V016): _BATCH_KEYS_V016}.get(len(values))
     if keys is None:
         raise ValueError(
             f"get_batch returned {len(values)} values; expected the core_v0.16 (6) or v0.19 (10) layout"
@@ -293,37 +218,65 @@ def consumed_tokens(args: argparse.Namespace) -> int:
     return int(getattr(args, "consumed_train_samples", 0)) * int(args.seq_length)
 
 
+_NOT_THE_PLUGINS_MODEL = (
+    "mtp_plugin: the model is a {kind}, not mtp_plugin's MTPGPTModel, so the plugin's MTP would not train. "
+    "On core_v0.19 build the model config with lm_patch.mtp_gpt_config_from_args(args); on core_v0.16 – v0.18 "
+    "pass partial(model_provider, lm_patch.mtp_gpt_builder(gpt_builder)) to pretrain() "
+    "(examples/megatron_lm/*.patch); and keep --mtp-num-layers D."
+)
+
+
+def _plugin_model(model):
+    from megatron.core.utils import unwrap_model
+
+    from mtp_plugin.megatron.model import MTPGPTModel
+
+    inner = unwrap_model(model)
+    if not isinstance(inner, MTPGPTModel) or not getattr(inner, "mtp_config", None):
+        raise RuntimeError(_NOT_THE_PLUGINS_MODEL.format(kind=type(inner).__name__))
+    return inner
+
+
 def make_forward_step(get_batch):
     """A Megatron-LM forward_step_func around the job's own `get_batch(data_iterator, vp_stage)`."""
-    from megatron.core.utils import get_attr_wrapped_model
+    from mtp_plugin.megatron.step import mtp_loss_func
 
-    from mtp_plugin.megatron import mtp_forward_step
+    schedules: dict[int, Any] = {}
 
-    schedule_cache: dict[str, Any] = {}
+    def loss_func(loss_mask, output, *, lam, mtp: MTPConfig, per_token_loss: bool):
+        if not isinstance(output, tuple):
+            raise RuntimeError(
+                "mtp_plugin: the last pipeline stage returned a plain per-token loss, not the plugin's "
+                "(main loss, depth sums, depth counts): the model has no MTP depths on its loss stage; "
+                "check --mtp-num-layers and --pipeline-model-parallel-layout"
+            )
+        return mtp_loss_func(
+            loss_mask, output, lam=lam, depth_weights=mtp.weights, per_token_loss=per_token_loss
+        )
 
     def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+        from functools import partial
+
+        from megatron.training import get_args
+
         if return_schedule_plan:
             raise ValueError(
                 "--overlap-moe-expert-parallel-comm schedule plans are not supported with mtp_plugin"
             )
-        from megatron.training import get_args
-
+        inner = _plugin_model(model)
+        mtp = inner.mtp_config
         args = get_args()
-        if "mtp" not in schedule_cache:
-            mtp_cfg = mtp_config_from_args(args)
-            schedule_cache["mtp"] = mtp_cfg
-            schedule_cache["lambda"] = mtp_cfg.lambda_schedule.build()
-        mtp_cfg = schedule_cache["mtp"]
-        vp_stage = get_attr_wrapped_model(model, "vp_stage")
-        batch = batch_as_dict(get_batch(data_iterator, vp_stage))
-        lam = schedule_cache["lambda"](consumed_tokens(args))
-        return mtp_forward_step(
-            iter([batch]),
-            model,
-            lam=lam,
-            metrics=None,  # Megatron-LM's training_log reduces the loss function's report instead
-            depth_weights=mtp_cfg.weights,
-            per_token_loss=bool(getattr(args, "calculate_per_token_loss", False)),
+        schedule = schedules.setdefault(id(mtp), mtp.lambda_schedule.build())
+        batch = batch_as_dict(get_batch(data_iterator, getattr(inner, "vp_stage", None)))
+        output = model(
+            batch.get("tokens"),
+            batch.get("position_ids"),
+            batch.get("attention_mask"),
+            labels=batch.get("labels"),
+            loss_mask=batch.get("loss_mask"),
         )
+        lam = schedule(consumed_tokens(args))
+        per_token = bool(getattr(args, "calculate_per_token_loss", False))
+        return output, partial(loss_func, batch.get("loss_mask"), lam=lam, mtp=mtp, per_token_loss=per_token)
 
     return forward_step

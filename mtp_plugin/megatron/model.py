@@ -23,9 +23,8 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.models.backends import LocalSpecProvider
-from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_layer_local_spec
 from megatron.core.tensor_parallel.mappings import (
@@ -35,7 +34,7 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
@@ -46,21 +45,15 @@ from mtp_plugin.megatron.compat import ensure_moe_router_without_te
 
 
 class MTPProjection(MegatronModule):
-    """eh_proj: [enorm(emb); hnorm(h)] (2h) -> h, column-parallel, gathered back to full hidden width."""
+    """eh_proj: [enorm(emb); hnorm(h)] (2h) -> h, column-parallel, gathered back to full hidden width.
 
-    def __init__(self, config: TransformerConfig, tp_group) -> None:
+    Wraps the column-parallel linear Megatron's MTP layer builds from its spec (local or TE), so the
+    weight, its init and its place in the RNG stream are Megatron's own.
+    """
+
+    def __init__(self, linear: torch.nn.Module, config: TransformerConfig, tp_group) -> None:
         super().__init__(config=config)
-        self.linear = tensor_parallel.ColumnParallelLinear(
-            2 * config.hidden_size,
-            config.hidden_size,
-            config=config,
-            init_method=config.init_method,
-            gather_output=False,
-            bias=False,
-            skip_bias_add=False,
-            is_expert=False,
-            tp_group=tp_group,
-        )
+        self.linear = linear
         self.tp_group = tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,13 +66,11 @@ class MTPProjection(MegatronModule):
 
 
 class MTPTransformerBlock(MegatronModule):
-    """One TransformerLayer built from a ModuleSpec, called like a tensor -> tensor block."""
+    """The MTP layer's TransformerLayer (built by Megatron from the trunk's last-layer spec) as tensor -> tensor."""
 
-    def __init__(
-        self, config: TransformerConfig, layer_spec: ModuleSpec, layer_number: int, vp_stage
-    ) -> None:
+    def __init__(self, config: TransformerConfig, layer: torch.nn.Module) -> None:
         super().__init__(config=config)
-        self.layer = build_module(layer_spec, config=config, layer_number=layer_number, vp_stage=vp_stage)
+        self.layer = layer
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         out, _ = self.layer(hidden_states=hidden_states, **kwargs)
@@ -142,8 +133,54 @@ def last_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
     return _with_norm(spec, SequenceParallelRMSNorm) if config.sequence_parallel else spec
 
 
+def native_mtp_block_spec(config: TransformerConfig, layer_spec: ModuleSpec):
+    """Megatron's MTP block spec (local backend) for D depths whose layer is `layer_spec`.
+
+    Built directly rather than through `get_gpt_mtp_block_spec`, which answers None off the stage that
+    Megatron's own layout rule picks: the plugin's placement planner decides the stage. With sequence
+    parallel the MTP norms are swapped, through the spec, for `SequenceParallelRMSNorm` as in the trunk.
+    """
+    from megatron.core.transformer.multi_token_prediction import (
+        MultiTokenPredictionBlockSubmodules,
+        get_mtp_layer_spec_for_backend,
+    )
+
+    # Positional: the keyword is `transformer_layer_spec` on 0.16 and `mtp_model_layer_spec` on 0.19.
+    layer = get_mtp_layer_spec_for_backend(layer_spec, LocalSpecProvider())
+    if config.sequence_parallel:
+        norms = dict(
+            enorm=SequenceParallelRMSNorm, hnorm=SequenceParallelRMSNorm, layer_norm=SequenceParallelRMSNorm
+        )
+        layer = ModuleSpec(
+            module=layer.module,
+            params=layer.params,
+            submodules=dataclasses.replace(layer.submodules, **norms),
+        )
+    return MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * config.mtp_num_layers)
+
+
+def _mtp_stage_of(config: TransformerConfig) -> int:
+    """The pipeline stage Megatron's own rule puts the MTP layers on (the layout's `m`, else the last)."""
+    from megatron.core.transformer.multi_token_prediction import get_mtp_num_layers_to_build
+
+    pp = config.pipeline_model_parallel_size
+    if pp == 1:
+        return 0
+    for rank in range(pp):
+        if get_mtp_num_layers_to_build(config, vp_stage=None, pp_rank=rank) > 0:
+            return rank
+    return pp - 1
+
+
 class MTPGPTModel(GPTModel):
-    """GPTModel whose stage `mtp_stage` runs the plugin's MTP depths and whose last stage scores them."""
+    """GPTModel whose MTP stage runs the plugin's MTP depths and whose last stage scores them.
+
+    Megatron builds everything, MTP layers included (`mtp_block_spec`, the same spec a native MTP model
+    gets: from the trunk's last layer, local or TE), in its own order, so the initial weights equal a native
+    MTP model's with the same seed. The plugin then takes the MTP layers' modules into its core `MTPStack`
+    and replaces Megatron's MTP forward and loss (`_postprocess`). `from_gpt_model` does the same to a
+    GPTModel someone else built (Megatron-LM's own model builders in the drop-in).
+    """
 
     def __init__(
         self,
@@ -152,8 +189,9 @@ class MTPGPTModel(GPTModel):
         vocab_size: int,
         max_sequence_length: int,
         *,
-        mtp_stage: int,
+        mtp_stage: int | None = None,
         mtp_layer_spec: ModuleSpec | None = None,
+        mtp_block_spec=None,
         loss_chunk_tokens: int = 0,
         eod_id: int | None = None,
         pre_process: bool = True,
@@ -166,6 +204,15 @@ class MTPGPTModel(GPTModel):
     ) -> None:
         if config.num_moe_experts:
             ensure_moe_router_without_te()
+        num_depths = config.mtp_num_layers or 0
+        if mtp_stage is None:
+            mtp_stage = _mtp_stage_of(config)
+        if (
+            num_depths
+            and mtp_block_spec is None
+            and parallel_state.get_pipeline_model_parallel_rank() == mtp_stage
+        ):
+            mtp_block_spec = native_mtp_block_spec(config, mtp_layer_spec or last_decoder_layer_spec(config))
         super().__init__(
             config=config,
             transformer_layer_spec=transformer_layer_spec,
@@ -176,64 +223,68 @@ class MTPGPTModel(GPTModel):
             share_embeddings_and_output_weights=share_embeddings_and_output_weights,
             position_embedding_type=position_embedding_type,
             rotary_base=rotary_base,
-            mtp_block_spec=None,
+            mtp_block_spec=mtp_block_spec,
             vp_stage=vp_stage,
             **gpt_kwargs,
         )
+        self._adopt_mtp(loss_chunk_tokens=loss_chunk_tokens, eod_id=eod_id, mtp_stage=mtp_stage)
+
+    @classmethod
+    def from_gpt_model(
+        cls, model: GPTModel, *, loss_chunk_tokens: int = 0, eod_id: int | None = None
+    ) -> MTPGPTModel:
+        """Turn a GPTModel stage built with Megatron's MTP block spec into the plugin's model, in place.
+
+        Nothing is rebuilt: parameters, their initial values and their order are the builder's; only the
+        MTP forward and loss become the plugin's.
+        """
+        if type(model) is not GPTModel:
+            raise TypeError(
+                f"expected a megatron.core GPTModel stage, got {type(model).__name__}; the plugin adds MTP to "
+                "Megatron's GPTModel only"
+            )
+        model.__class__ = cls
+        model._adopt_mtp(
+            loss_chunk_tokens=loss_chunk_tokens, eod_id=eod_id, mtp_stage=_mtp_stage_of(model.config)
+        )
+        return model
+
+    def _adopt_mtp(self, *, loss_chunk_tokens: int, eod_id: int | None, mtp_stage: int) -> None:
+        config = self.config
         self.num_mtp_depths = config.mtp_num_layers or 0
         self.loss_chunk_tokens = loss_chunk_tokens
         self.eod_id = eod_id
-        self.mtp_process = self.num_mtp_depths > 0 and self.pp_group.rank() == mtp_stage
-        self.mtp_before_this_stage = self.num_mtp_depths > 0 and self.pp_group.rank() > mtp_stage
+        pp_rank = self.pp_group.rank()
+        self.mtp_process = bool(self.num_mtp_depths) and getattr(self, "mtp_process", False)
+        if self.num_mtp_depths and (pp_rank == mtp_stage) != self.mtp_process:
+            raise ValueError(
+                f"pipeline stage {pp_rank}: the plugin places MTP on stage {mtp_stage} but Megatron "
+                f"{'built' if self.mtp_process else 'did not build'} MTP layers here; set "
+                "pipeline_model_parallel_layout so that its 'm' is on the MTP stage"
+            )
+        self.mtp_before_this_stage = bool(self.num_mtp_depths) and pp_rank > mtp_stage
         if self.mtp_process:
-            if not self.pre_process:
-                # The MTP stage needs Emb(t_{i+k}): a copy of stage 0's table, kept identical through the
-                # embedding group (initial all-reduce below, gradient all-reduce in finalize_model_grads).
-                self.embedding = LanguageModelEmbedding(
-                    config=config,
-                    vocab_size=vocab_size,
-                    max_sequence_length=max_sequence_length,
-                    position_embedding_type=position_embedding_type,
-                    tp_group=self.pg_collection.tp,
+            native_layers = list(self.mtp.layers)
+            if len(native_layers) != self.num_mtp_depths:
+                raise ValueError(
+                    f"Megatron built {len(native_layers)} MTP layer(s) for mtp_num_layers={self.num_mtp_depths} "
+                    "(mtp_use_repeated_layer?); the plugin needs one layer per depth"
                 )
-            self.mtp_stack = self._build_mtp_stack(
-                mtp_layer_spec or last_decoder_layer_spec(config), vp_stage
-            )
-        self._mtp_ready = True
-        self.setup_embeddings_and_output_layer()
+            del (
+                self.mtp
+            )  # its forward and loss hooks are replaced by the plugin's; its modules are kept below
+            self.mtp_stack = MTPStack([self._depth_from_native(layer) for layer in native_layers])
 
-    def _build_mtp_stack(self, layer_spec: ModuleSpec, vp_stage) -> MTPStack:
-        config = self.config
-        norm = (
-            SequenceParallelRMSNorm
-            if config.sequence_parallel
-            else LocalSpecProvider().layer_norm(rms_norm=config.normalization == "RMSNorm")
+    def _depth_from_native(self, layer) -> MTPDepth:
+        # 0.19 names the inner layer `mtp_model_layer`; 0.16 - 0.18 `transformer_layer`.
+        inner = getattr(layer, "mtp_model_layer", None) or layer.transformer_layer
+        return MTPDepth(
+            enorm=layer.enorm,
+            hnorm=layer.hnorm,
+            eh_proj=MTPProjection(layer.eh_proj, self.config, self.pg_collection.tp),
+            block=MTPTransformerBlock(self.config, inner),
+            final_norm=layer.final_layernorm,
         )
-
-        def make_norm():
-            return build_module(
-                norm, config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon
-            )
-
-        return MTPStack(
-            [
-                MTPDepth(
-                    enorm=make_norm(),
-                    hnorm=make_norm(),
-                    eh_proj=MTPProjection(config, self.pg_collection.tp),
-                    # Layer numbers continue after the trunk (L + k), as Megatron numbers its MTP layers.
-                    block=MTPTransformerBlock(config, layer_spec, config.num_layers + k, vp_stage),
-                    final_norm=make_norm(),
-                )
-                for k in range(1, self.num_mtp_depths + 1)
-            ]
-        )
-
-    def setup_embeddings_and_output_layer(self) -> None:
-        # GPTModel.__init__ calls this before the MTP embedding copy exists; the copy must be in place
-        # before Megatron zero-fills it and all-reduces it from stage 0, so run it once, afterwards.
-        if getattr(self, "_mtp_ready", False):
-            super().setup_embeddings_and_output_layer()
 
     def _postprocess(
         self,

@@ -15,38 +15,40 @@ from mtp_plugin.megatron.lm_patch import (
 )
 
 
-def _parse(*argv: str, mtp_num_layers: int | None = 2) -> argparse.Namespace:
+def _parse(*argv: str, mtp_num_layers: int | None = 2, scaling: float = 0.1) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mtp-num-layers", type=int, default=mtp_num_layers)  # Megatron-LM's own flag
+    parser.add_argument("--mtp-num-layers", type=int, default=mtp_num_layers)  # Megatron-LM's own flags
+    parser.add_argument("--mtp-loss-scaling-factor", type=float, default=scaling)
     add_mtp_args(parser)
     return parser.parse_args(list(argv))
 
 
-def test_flags_are_prefixed_and_default_to_megatrons_depth():
+def test_flags_are_prefixed_and_lambda_defaults_to_megatrons_factor():
     parser = add_mtp_args(argparse.ArgumentParser())
     flags = [a for action in parser._actions for a in action.option_strings if a != "-h" and a != "--help"]
     assert flags and all(f.startswith("--mtp-plugin-") for f in flags)
-    mtp = mtp_config_from_args(_parse())
-    assert mtp.num_depths == 2 and mtp.lambda_schedule.kind == "constant" and mtp.lambda_schedule.value == 0.1
+    mtp = mtp_config_from_args(_parse(scaling=0.25))
+    # Without plugin λ flags the drop-in trains Megatron's own constant --mtp-loss-scaling-factor.
+    assert (
+        mtp.num_depths == 2 and mtp.lambda_schedule.kind == "constant" and mtp.lambda_schedule.value == 0.25
+    )
+    assert mtp.loss_chunk_tokens == 4096  # memory-flat by default
 
 
 def test_deepseek_v3_schedule_and_all_flags_parse():
     args = _parse(
-        "--mtp-plugin-num-depths", "2",
         "--mtp-plugin-lambda-schedule", "piecewise",
         "--mtp-plugin-lambda-values", "0.3", "0.1",
         "--mtp-plugin-lambda-boundaries", "10e12",
         "--mtp-plugin-depth-weights", "0.75", "0.25",
-        "--mtp-plugin-chunk-tokens", "4096",
-        "--mtp-plugin-placement", "stage",
-        "--mtp-plugin-stage", "1",
+        "--mtp-plugin-chunk-tokens", "0",
         "--mtp-plugin-mask-across-eod",
     )  # fmt: skip
-    mtp = mtp_config_from_args(args)
+    with pytest.warns(UserWarning, match="--mtp-loss-scaling-factor is not used"):
+        mtp = mtp_config_from_args(args)
     schedule = mtp.lambda_schedule.build()
     assert schedule(0) == 0.3 and schedule(10e12) == 0.1
-    assert mtp.weights == (0.75, 0.25) and mtp.loss_chunk_tokens == 4096
-    assert mtp.placement == "stage" and mtp.mtp_stage == 1 and mtp.mask_across_eod
+    assert mtp.weights == (0.75, 0.25) and mtp.loss_chunk_tokens == 0 and mtp.mask_across_eod
 
 
 def test_linear_schedule_takes_start_and_end():
@@ -55,23 +57,25 @@ def test_linear_schedule_takes_start_and_end():
         "--mtp-plugin-lambda-values", "0.3", "0.1",
         "--mtp-plugin-lambda-boundaries", "0", "1e9",
     )  # fmt: skip
-    schedule = lambda_schedule_from_args(args).build()
+    with pytest.warns(UserWarning):
+        schedule = lambda_schedule_from_args(args).build()
     assert schedule(5e8) == pytest.approx(0.2)
 
 
+@pytest.mark.filterwarnings("ignore:mtp_plugin")
 @pytest.mark.parametrize(
-    ("argv", "native", "needle"),
+    ("argv", "native", "scaling", "needle"),
     [
-        (["--mtp-plugin-num-depths", "3"], 2, "--mtp-num-layers=2"),
-        ([], None, "--mtp-num-layers"),
-        (["--mtp-plugin-lambda-values", "0.3", "0.1"], 2, "one value"),
-        (["--mtp-plugin-lambda-schedule", "cosine"], 2, "START END"),
+        ([], None, 0.1, "--mtp-num-layers D"),
+        (["--mtp-plugin-lambda-values", "0.3", "0.1"], 2, 0.1, "one value"),
+        (["--mtp-plugin-lambda-schedule", "cosine"], 2, 0.1, "START END"),
+        (["--mtp-plugin-lambda-values", "0.3"], 2, 0.2, "both set λ"),
     ],
-    ids=["depth-mismatch", "no-depth", "constant-two-values", "cosine-missing-range"],
+    ids=["no-depth", "constant-two-values", "cosine-missing-range", "two-sources-of-lambda"],
 )
-def test_bad_flags_name_the_fix(argv, native, needle):
+def test_bad_flags_name_the_fix(argv, native, scaling, needle):
     with pytest.raises(ValueError, match=needle.replace("-", r"\-")):
-        mtp_config_from_args(_parse(*argv, mtp_num_layers=native))
+        mtp_config_from_args(_parse(*argv, mtp_num_layers=native, scaling=scaling))
 
 
 def test_get_batch_layouts_of_both_megatron_lm_generations():
@@ -83,59 +87,55 @@ def test_get_batch_layouts_of_both_megatron_lm_generations():
         batch_as_dict((1, 2, 3))
 
 
-def megatron_lm_args(**overrides) -> argparse.Namespace:
-    """The fields of Megatron-LM's parsed args the provider reads, with a tiny MoE model."""
-    args = _parse("--mtp-plugin-lambda-schedule", "piecewise", "--mtp-plugin-lambda-values", "0.3", "0.1",
-                  "--mtp-plugin-lambda-boundaries", "1000")  # fmt: skip
-    fields = dict(
-        num_layers=2, hidden_size=32, num_attention_heads=4, group_query_attention=False, num_query_groups=1,
-        ffn_hidden_size=64, seq_length=16, vocab_size=100, padded_vocab_size=128, num_experts=4,
-        moe_router_topk=2, moe_ffn_hidden_size=32, moe_shared_expert_intermediate_size=32, moe_layer_freq=[0, 1],
-        moe_aux_loss_coeff=0.0, moe_token_dispatcher_type="alltoall", untie_embeddings_and_output_weights=True,
-        init_method_std=0.02, rotary_base=10000, position_embedding_type="rope", tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1, expert_model_parallel_size=1, context_parallel_size=1,
-        sequence_parallel=False, bf16=False, transformer_impl="local", consumed_train_samples=0,
-    )  # fmt: skip
-    fields.update(overrides)
-    vars(args).update(fields)
-    return args
-
-
-def _provider_worker() -> dict:
+def _builder_worker(untied: bool) -> dict:
+    """core_v0.16 - v0.18 path: Megatron-LM's gpt_builder (here a stand-in with its signature that builds a
+    native-MTP GPTModel the way gpt_builders.py does) wrapped by lm_patch.mtp_gpt_builder."""
     import torch
+    from megatron_cpu import TinyGPT, build_tiny_gpt, make_microbatches, seed_megatron
 
     from mtp_plugin.megatron import MTPGPTModel, MTPMetrics, mtp_forward_step
-    from mtp_plugin.megatron.lm_patch import build_model_from_args
+    from mtp_plugin.megatron.lm_patch import mtp_gpt_builder
 
-    args = megatron_lm_args()
-    model = build_model_from_args(args, pre_process=True, post_process=True)
-    gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, 100, (2, 17), generator=gen)
-    # As pretrain_gpt.get_batch returns it in core_v0.16: tokens, labels, loss_mask, attention_mask, position_ids, packed
-    values = (tokens[:, :-1], tokens[:, 1:], torch.ones(2, 16), None, torch.arange(16).expand(2, 16), None)
+    shape = TinyGPT(
+        num_layers=2, num_moe_experts=4, mtp_num_layers=2, share_embeddings_and_output_weights=not untied
+    )
+
+    def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
+        return build_tiny_gpt(shape)
+
+    seed_megatron(5)
+    native = {n: p.detach().clone() for n, p in build_tiny_gpt(shape).named_parameters()}
+    seed_megatron(5)
+    args = _parse("--mtp-plugin-chunk-tokens", "7")
+    model = mtp_gpt_builder(gpt_builder)(args, True, True)
+    from parity.test_megatron_parity import native_to_plugin_name
+
+    renamed = {native_to_plugin_name(n): v for n, v in native.items()}
+    same_init = renamed.keys() == dict(model.named_parameters()).keys() and all(
+        torch.equal(p.detach(), renamed[n]) for n, p in model.named_parameters()
+    )
     metrics = MTPMetrics(2)
-    output, loss_func = mtp_forward_step(iter([batch_as_dict(values)]), model, lam=0.3, metrics=metrics)
+    (batch,) = make_microbatches(shape, 1, 2, seed=1)
+    output, loss_func = mtp_forward_step(iter([batch]), model, lam=0.3, metrics=metrics)
     loss, num_tokens, report = loss_func(output)
     return {
-        "is_mtp_model": isinstance(model, MTPGPTModel),
+        "is_mtp_model": isinstance(model, MTPGPTModel) and not hasattr(model, "mtp"),
         "depths": len(model.mtp_stack.depths),
-        "layer_kinds": [type(layer.mlp).__name__ for layer in model.decoder.layers],
+        "chunk": model.loss_chunk_tokens,
         "mtp_mlp": type(model.mtp_stack.depths[0].block.layer.mlp).__name__,
-        "vocab": model.output_layer.weight.shape[0],
+        "same_init": same_init,
         "report_keys": sorted(report),
-        "num_tokens": int(num_tokens),
         "finite": bool(torch.isfinite(loss)),
-        "metrics": metrics.reduce(None),
     }
 
 
 @pytest.mark.megatron
-def test_provider_builds_the_mtp_moe_from_megatron_lm_args():
-    (out,) = run_distributed(_provider_worker, 1, parallel={}, timeout=120)
-    assert out["is_mtp_model"] and out["depths"] == 2
-    assert out["layer_kinds"] == ["MLP", "MoELayer"]  # first layer dense (moe_layer_freq [0, 1]), then MoE
-    assert out["mtp_mlp"] == "MoELayer"  # the depth's block follows the trunk's last layer
-    assert out["vocab"] == 128  # Megatron-LM's padded vocabulary, unchanged
+@pytest.mark.parametrize("untied", [False, True], ids=["tied", "untied"])
+def test_builder_wrapper_turns_megatrons_own_model_into_the_plugins(untied):
+    (out,) = run_distributed(_builder_worker, 1, untied, parallel={}, timeout=120)
+    assert out["is_mtp_model"] and out["depths"] == 2 and out["chunk"] == 7
+    assert out["mtp_mlp"] == "MoELayer"  # Megatron's MTP layer spec: the trunk's last (MoE) layer
+    assert out["same_init"]  # nothing rebuilt: the builder's weights, in the builder's RNG order
     assert out["report_keys"] == [
         "lm loss",
         "mtp_1 acceptance",
@@ -143,5 +143,4 @@ def test_provider_builds_the_mtp_moe_from_megatron_lm_args():
         "mtp_2 acceptance",
         "mtp_2 loss",
     ]
-    assert out["num_tokens"] == 32 and out["finite"]
-    assert 0 < out["metrics"]["mtp_2 loss"] < 10
+    assert out["finite"]
