@@ -80,7 +80,7 @@ class _NoStream:
         pass
 
 
-def _cpu_streams() -> None:
+def cpu_streams() -> None:
     """megatron.training's DDP wrapping opens a side CUDA stream; on CPU work is synchronous anyway."""
     torch.cuda.Stream = lambda *args, **kwargs: _NoStream()
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
@@ -94,7 +94,7 @@ def init_megatron_lm(flags: list[str], extra_args_provider=None):
     from megatron_cpu import install_cpu_shims
 
     install_cpu_shims()
-    _cpu_streams()
+    cpu_streams()
     from megatron.core import parallel_state as mpu
     from megatron.core import tensor_parallel
     from megatron.training.arguments import parse_and_validate_args
