@@ -9,7 +9,9 @@ Layout under `save_dir`:
 
 Every rank writes its shards into the `.tmp` directory; after a barrier rank 0 renames it to its final
 name and then replaces `latest` through a temporary file and `os.replace`. Both are atomic renames on
-POSIX, so a process killed at any point leaves `latest` naming a complete checkpoint.
+POSIX, so a process killed at any point leaves `latest` naming a complete checkpoint. A save that raises
+removes its `.tmp` before re-raising; one killed outright leaves it, and the next save removes every
+stale `iter_*.tmp` before it starts.
 """
 
 from __future__ import annotations
@@ -131,12 +133,21 @@ def save_checkpoint(
     rank = torch.distributed.get_rank()
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
-        # A leftover from a save that was killed: never loaded, safe to drop.
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Leftovers of saves that were killed: never loaded, safe to drop. dist_checkpointing refuses a
+        # non-empty directory, so a stale tmp of this iteration would also fail this save.
+        for stale in save_dir.glob("iter_*.tmp"):
+            shutil.rmtree(stale)
         tmp.mkdir()
     _barrier()
-    state = _sharded_state(model, optimizer, is_loading=False, common={"iteration": iteration, **common})
-    dist_checkpointing.save(state, str(tmp))
+    try:
+        state = _sharded_state(model, optimizer, is_loading=False, common={"iteration": iteration, **common})
+        dist_checkpointing.save(state, str(tmp))
+    except BaseException:
+        # `latest` still names the previous checkpoint; drop the partial one so no directory suggests a
+        # checkpoint of this iteration exists. (Ranks that did not fail may still wait in a collective.)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier()
     if rank == 0:
         _fsync_dir(tmp)

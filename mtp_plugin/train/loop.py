@@ -102,6 +102,7 @@ class Trainer:
         )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
 
         cfg, par, tr = self.cfg, self.cfg.parallel, self.cfg.training
         plan = check_supported(cfg.model, par, cfg.mtp)
@@ -142,13 +143,18 @@ class Trainer:
             eod_id=cfg.data.eod_id,
         )
         model.to(self.device)
+        # bf16 as Megatron-LM's get_model does it: Float16Module casts every parameter, the torch norms'
+        # fp32 weights included, to bf16. Megatron's Float16 optimizer keys its fp32 main params and the
+        # checkpoint's optimizer entries by the bf16 params; a stray fp32 param would shift those ids
+        # ("Param id N does not match any model sharded param" at the first save).
+        module = Float16Module(self.tf_config, model) if self.tf_config.bf16 else model
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             overlap_grad_reduce=False,
             use_distributed_optimizer=cfg.backend.use_distributed_optimizer,
         )
         self.model = model
-        self.ddp = DistributedDataParallel(self.tf_config, ddp_config, module=model)
+        self.ddp = DistributedDataParallel(self.tf_config, ddp_config, module=module)
         self.ddp.broadcast_params()  # identical replicas whatever each rank's initialisation did
         opt_config = OptimizerConfig(
             optimizer="adam",
@@ -277,7 +283,8 @@ class Trainer:
 
     def _check_finite(self, metrics, what: str) -> None:
         bad = self._local_nonfinite(metrics)
-        flag = torch.tensor([1.0 if bad else 0.0])
+        # On the run's device: NCCL has no CPU backend ("No backend type associated with device type cpu").
+        flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() == 0:
             return
