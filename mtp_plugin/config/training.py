@@ -31,9 +31,12 @@ class TrainingConfig:
       run must use 0 (the grad norm is still logged).
     eval_interval / save_interval / log_interval: every N iterations; 0 disables (eval and save also run
       once at the end when enabled). eval_iters: global batches of the validation split per evaluation.
+    exit_interval: stop after an iteration divisible by N (saving there when save_dir is set), e.g. to end
+      within a job's time limit; the same command without it resumes (Megatron-LM's --exit-interval). 0: off.
     save_dir / load_dir: checkpoint directories (None: no save / no resume). load_dir may equal save_dir;
       a missing `latest` pointer there means "start fresh".
-    tensorboard_dir: TensorBoard event files and the per-depth loss plot (None: neither).
+    tensorboard_dir: TensorBoard event files, their exact values as `scalars.jsonl`, and the per-depth loss
+      plot (None: none of them).
     progress_bar: "auto" (a tqdm bar when stdout is a terminal), "on", or "off".
     peak_tflops_per_device: the accelerator's peak (e.g. 989 for an H100's dense bf16) for MFU in the log
       line; 0 leaves MFU out.
@@ -55,6 +58,7 @@ class TrainingConfig:
     eval_iters: int = 2
     log_interval: int = 10
     save_interval: int = 0
+    exit_interval: int = 0
     save_dir: str | None = None
     load_dir: str | None = None
     seed: int = 1234
@@ -66,7 +70,7 @@ class TrainingConfig:
         for name in ("train_iters", "global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_warmup_iters", "eval_interval", "eval_iters", "save_interval"):
+        for name in ("lr_warmup_iters", "eval_interval", "eval_iters", "save_interval", "exit_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"training.{name} must be >= 0 (0 disables it), got {getattr(self, name)}")
         if self.global_batch_size % self.micro_batch_size:
@@ -182,11 +186,14 @@ class BackendConfig:
 
     params_dtype: "float32" or "bfloat16" (bf16 weights with fp32 main params and grads in the optimizer).
     use_distributed_optimizer: shard optimizer state across data-parallel ranks (Megatron's ZeRO-1).
+    deterministic: bit-reproducible GPU runs (Megatron-LM's --deterministic-mode: deterministic torch
+      kernels, cuBLAS's fixed workspace, NCCL rings); slower. CPU runs are deterministic without it.
     """
 
     name: str = "megatron"
     params_dtype: str = "float32"
     use_distributed_optimizer: bool = False
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:

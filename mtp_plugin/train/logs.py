@@ -5,15 +5,17 @@ A training line (Megatron-LM `training_log`, with tokens instead of samples and 
      [2025-01-01 12:00:00] iteration       10/     100 | consumed tokens:        10240 | elapsed time per
      iteration (ms): 812.3 | tokens per second: 1260.6 | learning rate: 9.000000E-04 | global batch size:
      8 | lm loss: 7.123456E+00 | mtp_1 loss: 7.5E+00 | mtp_1 acceptance: 1.2E-02 | mtp lambda: 3.000000E-01
-     | grad norm: 1.234 |
+     | grad norm: 1.234 | peak memory (GiB): 23.45 |
 
-(one line). A validation line: ` validation loss at iteration 10 | lm loss value: ... | lm loss PPL: ... |
-mtp_1 loss value: ... | mtp_1 acceptance value: ... |`. Values are averaged over the log interval,
+(one line; the peak memory, torch.cuda.max_memory_allocated so far, on GPU only). A validation line:
+` validation loss at iteration 10 | lm loss value: ... | lm loss PPL: ... | mtp_1 loss value: ... |
+mtp_1 acceptance value: ... |`. Values are averaged over the log interval,
 token-weighted, across data-parallel ranks.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -43,6 +45,7 @@ def format_train_line(
     metrics: Mapping[str, float],
     lam: float,
     grad_norm: float | None,
+    peak_memory_gib: float | None = None,
 ) -> str:
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
     parts = [
@@ -57,6 +60,9 @@ def format_train_line(
     parts.append(f"mtp lambda: {lam:.6E}")
     if grad_norm is not None:
         parts.append(f"grad norm: {grad_norm:.3f}")
+    if peak_memory_gib is not None:
+        # Megatron-LM reports it as "max allocated" in its memory line; here it joins the log line.
+        parts.append(f"peak memory (GiB): {peak_memory_gib:.2f}")
     return " | ".join(parts) + " |"
 
 
@@ -101,25 +107,42 @@ def parse_log_line(line: str) -> dict[str, float] | None:
 
 
 class ScalarWriter:
-    """TensorBoard scalars (one tag per logged field), or nothing when no directory is given."""
+    """TensorBoard scalars (one tag per logged field) and the same values, exact, as JSON lines in
+    `log_dir/scalars.jsonl` (TensorBoard keeps float32; scripts and tests compare runs bit for bit from the
+    JSON: `{"step": 3, "lm loss": 6.21..., ...}`, one line per `add`, appended across resumes).
+    Nothing is written when no directory is given."""
+
+    JSONL_NAME = "scalars.jsonl"
 
     def __init__(self, log_dir: str | None) -> None:
         self._writer = None
+        self._jsonl = None
         if log_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=log_dir)
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(Path(log_dir) / self.JSONL_NAME, "a")  # noqa: SIM115 - closed in close()
 
     def add(self, values: Mapping[str, float], step: int, *, suffix: str = "") -> None:
         if self._writer is None:
             return
         for name, value in values.items():
             self._writer.add_scalar(name + suffix, value, step)
+        record = {"step": step, **{name + suffix: float(value) for name, value in values.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()
+            self._jsonl.close()
+
+
+def read_scalars(path: str | Path) -> list[dict[str, float]]:
+    """The records a `ScalarWriter` appended to `path` (its `scalars.jsonl`), in order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def plot_loss_curves(

@@ -63,6 +63,7 @@ class TrainResult:
     last_checkpoint: str | None = None
     plot_path: str | None = None
     wall_s: float = 0.0
+    peak_memory_gib: float | None = None  # torch.cuda.max_memory_allocated; None on CPU
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -84,6 +85,8 @@ class Trainer:
             else torch.device("cpu")
         )
         self.is_logging_rank = self.rank == self.world_size - 1
+        if cfg.backend.deterministic:
+            use_deterministic_kernels()
         self._print = print_fn or functools.partial(print, flush=True)
         self.schedule = cfg.mtp.lambda_schedule.build()
         self.iteration = 0
@@ -133,6 +136,7 @@ class Trainer:
             par,
             cfg.mtp,
             params_dtype=params_dtype,
+            deterministic_mode=cfg.backend.deterministic,
         )
         model = build_mtp_gpt_model(
             cfg.model,
@@ -374,6 +378,7 @@ class Trainer:
         save_dir is set), e.g. to end within a job's time limit and resume in the next job."""
         tr = self.cfg.training
         end = tr.train_iters if stop_at is None else min(stop_at, tr.train_iters)
+        first_iteration = self.iteration
         metric_names = logs.metric_names(self.cfg.mtp.num_depths)
         writer = logs.ScalarWriter(tr.tensorboard_dir if self.is_logging_rank else None)
         bar = self._progress_bar()
@@ -419,9 +424,18 @@ class Trainer:
                 if tr.save_interval and self.iteration % tr.save_interval == 0:
                     self.save()
                     last_save = self.iteration
+                if tr.exit_interval and self.iteration % tr.exit_interval == 0 and self.iteration < end:
+                    if self.is_logging_rank:
+                        self._emit(
+                            f" exiting at iteration {self.iteration} (training.exit_interval="
+                            f"{tr.exit_interval}); run the same command without it to resume",
+                            bar,
+                        )
+                    break
             if tr.eval_interval and last_eval != self.iteration and self.iteration == tr.train_iters:
                 self._run_eval(writer, bar)
-            if tr.save_dir and last_save != self.iteration:
+            # A resume with nothing left to train must not rewrite the checkpoint it loaded.
+            if tr.save_dir and last_save != self.iteration and self.iteration > first_iteration:
                 self.save()
         finally:
             if bar is not None:
@@ -430,6 +444,12 @@ class Trainer:
         self.result.iterations = self.iteration
         self.result.consumed_tokens = self.consumed_tokens
         self.result.wall_s = time.perf_counter() - start
+        self.result.peak_memory_gib = self._peak_memory_gib()
+        if self.is_logging_rank and self.result.peak_memory_gib is not None:
+            self._print(
+                f" peak memory {self.result.peak_memory_gib:.2f} GiB allocated on "
+                f"{torch.cuda.get_device_name(self.device)} (torch.cuda.max_memory_allocated)"
+            )
         if self.is_logging_rank and tr.tensorboard_dir and self.result.train_history:
             path = logs.plot_loss_curves(
                 self.result.train_history,
@@ -446,6 +466,12 @@ class Trainer:
             bar.write(line)
         else:
             self._print(line)
+
+    def _peak_memory_gib(self) -> float | None:
+        """Most GPU memory this process's tensors have held so far (None on CPU)."""
+        if self.device.type != "cuda":
+            return None
+        return torch.cuda.max_memory_allocated(self.device) / 2**30
 
     def _log_interval(self, interval, elapsed_s: float, metric_names, bar, rho_fields) -> None:
         if not self.is_logging_rank or not interval:
@@ -464,6 +490,7 @@ class Trainer:
             metrics={**averaged, **rho_fields},
             lam=interval[-1]["mtp lambda"],
             grad_norm=interval[-1]["grad norm"],
+            peak_memory_gib=self._peak_memory_gib(),
         )
         self._emit(line, bar)
 
@@ -481,6 +508,17 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- launch
+
+
+def use_deterministic_kernels() -> None:
+    """Bit-reproducible runs, as Megatron-LM's `--deterministic-mode` sets them up (megatron/training/
+    determinism.py): deterministic torch kernels (e.g. index_add / scatter_add in the MoE token permutation
+    instead of atomics), cuBLAS's fixed workspace, NCCL's ring all-reduce. Process-wide torch state; call
+    before the first cuBLAS handle and NCCL communicator exist. Ops without a deterministic kernel warn
+    (torch's warn_only) instead of stopping the run."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    os.environ.setdefault("NCCL_ALGO", "Ring")
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def init_distributed() -> bool:
