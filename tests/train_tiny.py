@@ -6,9 +6,14 @@ the main loss and every MTP depth's loss fall within a few steps of a tiny model
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
 
 VOCAB = 512
 EOD = VOCAB - 1
@@ -101,3 +106,57 @@ def tiny_experiment(train_prefix: str, valid_prefix: str | None, *, pp: int = 1,
         training=TrainingConfig(**defaults),
         data=DataConfig(train_prefix=train_prefix, valid_prefix=valid_prefix, eod_id=EOD),
     )
+
+
+def run_app(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`python -m mtp_plugin.train ARGS` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "mtp_plugin.train", *args],
+        cwd=REPO,
+        # The repository first, then whatever the caller's path holds (e.g. packages installed with --target).
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            **(env or {}),
+        },
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _app_or_fail(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    proc = run_app(*args, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def train_exit_and_resume(root: Path, args: list[str], *, exit_at: int, timeout: float = 300) -> dict:
+    """Run the app three times: uninterrupted in root/full; in root/split with `training.exit_interval=
+    exit_at` (it saves and exits), then the same command without it (it resumes). Returns the stdout of
+    each run and the exact scalars each run directory's `tensorboard/scalars.jsonl` holds."""
+    from mtp_plugin.train import logs
+
+    full, split = root / "full", root / "split"
+    runs = {
+        "full": _app_or_fail(*args, f"hydra.run.dir={full}", timeout=timeout).stdout,
+        "exit": _app_or_fail(
+            *args, f"training.exit_interval={exit_at}", f"hydra.run.dir={split}", timeout=timeout
+        ).stdout,
+        "resume": _app_or_fail(*args, f"hydra.run.dir={split}", timeout=timeout).stdout,
+    }
+    for name, run_dir in (("full", full), ("split", split)):
+        runs[f"{name} scalars"] = logs.read_scalars(run_dir / "tensorboard" / logs.ScalarWriter.JSONL_NAME)
+        runs[f"{name} dir"] = run_dir
+    return runs
+
+
+def by_step(records: list[dict], key: str) -> dict[int, float]:
+    """{step: value} of one scalar; a step logged twice (a resume repeating it) must agree."""
+    out: dict[int, float] = {}
+    for record in records:
+        if key in record:
+            step = int(record["step"])
+            assert out.get(step, record[key]) == record[key], (key, step)
+            out[step] = record[key]
+    return out

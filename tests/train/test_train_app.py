@@ -3,14 +3,9 @@ naming the field and the fix, the log line parses, and the Hydra app trains the 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from hydra import compose, initialize_config_dir
-from train_tiny import TINY_MODEL_OVERRIDES, write_tiny_corpus
+from train_tiny import TINY_MODEL_OVERRIDES, by_step, run_app, train_exit_and_resume, write_tiny_corpus
 
 from mtp_plugin.config import ExperimentConfig
 from mtp_plugin.train import logs
@@ -23,8 +18,6 @@ from mtp_plugin.train.hydra_app import (
     to_experiment,
     validate_for_launch,
 )
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _compose(*overrides: str):
@@ -198,17 +191,6 @@ def test_clip_grad_on_cpu_is_rejected_before_launch():
     assert "training.clip_grad=0" in _one_line(err.value)
 
 
-def _run_app(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "mtp_plugin.train", *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -219,7 +201,7 @@ def _run_app(*args: str, env: dict | None = None, timeout: float = 240) -> subpr
     ids=["unknown-option", "world-size", "missing-dataset"],
 )
 def test_app_exits_with_one_error_line(args, needle, tmp_path):
-    proc = _run_app(*args, f"hydra.run.dir={tmp_path}")
+    proc = run_app(*args, f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
@@ -279,7 +261,7 @@ def test_other_lines_are_not_log_lines():
 def test_toy_experiment_trains_20_steps_and_every_depth_loss_falls(tmp_path):
     train, valid = write_tiny_corpus(tmp_path / "data")
     run_dir = tmp_path / "run"
-    proc = _run_app(
+    proc = run_app(
         "experiment=toy_demo",
         *TINY_MODEL_OVERRIDES,
         f"data.train_prefix={train}",
@@ -311,3 +293,29 @@ def test_toy_experiment_trains_20_steps_and_every_depth_loss_falls(tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
     assert (run_dir / "tensorboard" / "loss_curves.png").stat().st_size > 10_000
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.megatron
+@pytest.mark.slow
+def test_exit_interval_then_rerun_resumes_bit_exact(tmp_path):
+    """`training.exit_interval` saves and exits; the same command again resumes to the uninterrupted
+    run's exact values (scalars.jsonl). The GPU twin, bf16 with D = 0/1/2: tests/gpu/test_gpu_train_app.py."""
+    train, valid = write_tiny_corpus(tmp_path / "data")
+    args = [
+        *TINY_MODEL_OVERRIDES,
+        f"data.train_prefix={train}",
+        f"data.valid_prefix={valid}",
+        "training.train_iters=4",
+        "training.global_batch_size=4",
+        "training.micro_batch_size=2",
+        "training.lr_warmup_iters=1",
+        "training.log_interval=1",
+        "training.eval_interval=2",
+        "training.progress_bar=off",
+    ]
+    runs = train_exit_and_resume(tmp_path, args, exit_at=2)
+    assert "exiting at iteration 2" in runs["exit"] and "at iteration 2" in runs["resume"]
+    for key in [*logs.metric_names(2), "grad norm", "lm loss validation", "mtp_2 loss validation"]:
+        want = by_step(runs["full scalars"], key)
+        assert want and by_step(runs["split scalars"], key) == want, key
+    assert sorted(by_step(runs["split scalars"], "lm loss")) == [1, 2, 3, 4]
