@@ -237,13 +237,42 @@ def _plugin_model(model):
     return inner
 
 
+class _StepBatches:
+    """Per-token mode: the step's micro-batches, read ahead on its first forward, with their global counts.
+
+    Depth k's per-token normalisation needs N_k of the whole global batch before the first backward
+    (mtp_plugin.megatron.step, Megatron-LM issue #7452), so the loss stage reads all of the step's
+    micro-batches at its first micro-batch (they are small index tensors) and counts them once.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[dict] = []
+        self.counts = None
+
+    def next(self, read, inner, num_microbatches: int):
+        from megatron.core import parallel_state
+
+        from mtp_plugin.megatron.step import global_target_counts
+
+        if not self.pending:
+            self.pending = [read() for _ in range(num_microbatches)]
+            self.counts = None
+            if inner.post_process and inner.num_mtp_depths:
+                dp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+                self.counts = global_target_counts(
+                    self.pending, inner.num_mtp_depths, dp_group, eod_id=inner.eod_id
+                )
+        return self.pending.pop(0), self.counts
+
+
 def make_forward_step(get_batch):
     """A Megatron-LM forward_step_func around the job's own `get_batch(data_iterator, vp_stage)`."""
     from mtp_plugin.megatron.step import mtp_loss_func
 
     schedules: dict[int, Any] = {}
+    step_batches = _StepBatches()
 
-    def loss_func(loss_mask, output, *, lam, mtp: MTPConfig, per_token_loss: bool):
+    def loss_func(loss_mask, output, *, lam, mtp: MTPConfig, per_token_loss: bool, global_counts=None):
         if not isinstance(output, tuple):
             raise RuntimeError(
                 "mtp_plugin: the last pipeline stage returned a plain per-token loss, not the plugin's "
@@ -251,23 +280,40 @@ def make_forward_step(get_batch):
                 "check --mtp-num-layers and --pipeline-model-parallel-layout"
             )
         return mtp_loss_func(
-            loss_mask, output, lam=lam, depth_weights=mtp.weights, per_token_loss=per_token_loss
+            loss_mask,
+            output,
+            lam=lam,
+            depth_weights=mtp.weights,
+            per_token_loss=per_token_loss,
+            global_counts=global_counts,
         )
 
     def forward_step(data_iterator, model, return_schedule_plan: bool = False):
         from functools import partial
-
-        from megatron.training import get_args
 
         if return_schedule_plan:
             raise ValueError(
                 "--overlap-moe-expert-parallel-comm schedule plans are not supported with mtp_plugin"
             )
         inner = _plugin_model(model)
+        from megatron.core.num_microbatches_calculator import get_num_microbatches
+        from megatron.training import get_args
+
         mtp = inner.mtp_config
         args = get_args()
         schedule = schedules.setdefault(id(mtp), mtp.lambda_schedule.build())
-        batch = batch_as_dict(get_batch(data_iterator, getattr(inner, "vp_stage", None)))
+        vp_stage = getattr(inner, "vp_stage", None)
+        per_token = bool(getattr(args, "calculate_per_token_loss", False))
+        counts = None
+        if per_token:
+            if getattr(args, "virtual_pipeline_model_parallel_size", None):
+                raise ValueError(
+                    "--calculate-per-token-loss with a virtual pipeline is not supported by mtp_plugin yet"
+                )
+            read = lambda: batch_as_dict(get_batch(data_iterator, vp_stage))  # noqa: E731
+            batch, counts = step_batches.next(read, inner, get_num_microbatches())
+        else:
+            batch = batch_as_dict(get_batch(data_iterator, vp_stage))
         output = model(
             batch.get("tokens"),
             batch.get("position_ids"),
@@ -276,7 +322,13 @@ def make_forward_step(get_batch):
             loss_mask=batch.get("loss_mask"),
         )
         lam = schedule(consumed_tokens(args))
-        per_token = bool(getattr(args, "calculate_per_token_loss", False))
-        return output, partial(loss_func, batch.get("loss_mask"), lam=lam, mtp=mtp, per_token_loss=per_token)
+        return output, partial(
+            loss_func,
+            batch.get("loss_mask"),
+            lam=lam,
+            mtp=mtp,
+            per_token_loss=per_token,
+            global_counts=counts,
+        )
 
     return forward_step

@@ -34,14 +34,14 @@ VOCAB = 256
 SEQ = 32
 
 
-def _flags(num_experts: int | None, num_depths: int, tied: bool) -> list[str]:
+def _flags(num_experts: int | None, num_depths: int, tied: bool, lam: float = LAMBDA) -> list[str]:
     flags = (
         f"--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length {SEQ} "
         f"--max-position-embeddings {SEQ} --micro-batch-size 2 --global-batch-size {2 * MICRO_BATCHES} "
         f"--optimizer sgd --lr 0.05 --train-iters {ITERATIONS} --seed 1234 --tokenizer-type NullTokenizer "
         f"--vocab-size {VOCAB - 1} --position-embedding-type rope --normalization RMSNorm --swiglu "
         f"--disable-bias-linear --norm-epsilon 1e-5 --mtp-num-layers {num_depths} "
-        f"--mtp-loss-scaling-factor {LAMBDA}"
+        f"--mtp-loss-scaling-factor {lam!r}"
     ).split()
     if num_experts:
         flags += (
@@ -184,3 +184,77 @@ def test_forward_step_refuses_a_model_without_the_plugins_mtp():
     message = run_distributed(_fallback_worker, 1, parallel=None, timeout=300)[0]
     assert message is not None and "not mtp_plugin's MTPGPTModel" in message
     assert "mtp_gpt_config_from_args" in message and "\n" not in message
+
+
+def _per_token_worker(plugin: bool, lam: float):
+    import megatron_lm_harness  # noqa: F401  (first: the Python 3.11 shim megatron.training needs)
+    from megatron.core.utils import unwrap_model
+    from megatron.training.argument_utils import gpt_config_from_args
+    from megatron_lm_harness import (
+        get_batch_from,
+        init_megatron_lm,
+        native_forward_step,
+        setup_from_config,
+        train_steps,
+    )
+
+    from mtp_plugin.megatron import lm_patch
+
+    flags = [*_flags(4, 1, True, lam), "--calculate-per-token-loss"]
+    args = init_megatron_lm(flags, extra_args_provider=lm_patch.add_mtp_args)
+    groups = _microbatch_groups()
+    get_batch = get_batch_from([mb for group in groups for mb in group])
+    if plugin:
+        model_cfg, forward_step, rename = (
+            lm_patch.mtp_gpt_config_from_args(args),
+            lm_patch.make_forward_step(get_batch),
+            str,
+        )
+    else:
+        model_cfg, forward_step, rename = (
+            gpt_config_from_args(args),
+            native_forward_step(get_batch),
+            _native_to_plugin_name,
+        )
+    model, optimizer, scheduler = setup_from_config(args, model_cfg)
+    inner = unwrap_model(model[0])
+    grads = []
+    losses = train_steps(
+        forward_step, groups, model, optimizer, scheduler,
+        on_step=lambda _: grads.append({rename(n): p.main_grad.detach().clone() for n, p in inner.named_parameters()}),
+    )  # fmt: skip
+    return losses, grads
+
+
+def test_per_token_mode_normalises_each_depth_by_its_own_count():
+    """--calculate-per-token-loss: both scale depth k's summed CE by N_main / N_k before Megatron divides by the
+    global N_main; native MTP with each micro-batch's local counts, the plugin with the global batch's (exact when
+    counts differ across micro-batches and ranks, Megatron-LM #7452; tests/distributed/ proves that case against a
+    float64 reference). Here every micro-batch has the same counts with N_1 != N_main, so the two must agree."""
+    from mtp_plugin.core import depth_targets
+
+    group = _microbatch_groups()[0]
+    n_main = sum(float(mb["loss_mask"].sum()) for mb in group)
+    n_1 = sum(
+        float(depth_targets(mb["tokens"], mb["labels"], mb["loss_mask"], 1).loss_mask_bs.sum())
+        for mb in group
+    )
+    assert n_main != n_1  # otherwise a depth normalised by N_main would pass too
+    plugin_losses, plugin_grads = run_distributed(
+        _per_token_worker, 1, True, LAMBDA, parallel=None, timeout=300
+    )[0]
+    native_losses, native_grads = run_distributed(
+        _per_token_worker, 1, False, LAMBDA, parallel=None, timeout=300
+    )[0]
+    for it in range(ITERATIONS):
+        assert plugin_losses[it]["lm loss"] == pytest.approx(native_losses[it]["lm loss"], rel=1e-5)
+        for name, grad in native_grads[it].items():
+            # Unnormalised per-token sums: rounding grows with the token count, hence 1e-5 of the tensor's max.
+            atol = 1e-5 * float(grad.abs().max())
+            torch.testing.assert_close(
+                plugin_grads[it][name],
+                grad,
+                rtol=1e-5,
+                atol=atol,
+                msg=lambda m, it=it, name=name: f"iter {it + 1} {name}: {m}",
+            )
