@@ -267,7 +267,7 @@ class _StepBatches:
 
 def make_forward_step(get_batch):
     """A Megatron-LM forward_step_func around the job's own `get_batch(data_iterator, vp_stage)`."""
-    from mtp_plugin.megatron.step import mtp_loss_func
+    from mtp_plugin.megatron.step import forward_batch, mtp_loss_func
 
     schedules: dict[int, Any] = {}
     step_batches = _StepBatches()
@@ -314,13 +314,7 @@ def make_forward_step(get_batch):
             batch, counts = step_batches.next(read, inner, get_num_microbatches())
         else:
             batch = batch_as_dict(get_batch(data_iterator, vp_stage))
-        output = model(
-            batch.get("tokens"),
-            batch.get("position_ids"),
-            batch.get("attention_mask"),
-            labels=batch.get("labels"),
-            loss_mask=batch.get("loss_mask"),
-        )
+        output = forward_batch(model, batch)
         lam = schedule(consumed_tokens(args))
         return output, partial(
             loss_func,

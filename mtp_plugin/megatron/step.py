@@ -239,6 +239,17 @@ def mtp_loss_func(
     return loss, num_tokens, report
 
 
+def forward_batch(model, batch: dict):
+    """The model on one batch dict (Megatron GPTDataset keys), as pretrain_gpt's forward_step calls it."""
+    return model(
+        batch.get("tokens"),
+        batch.get("position_ids"),
+        batch.get("attention_mask"),
+        labels=batch.get("labels"),
+        loss_mask=batch.get("loss_mask"),
+    )
+
+
 def mtp_forward_step(
     data_iterator,
     model,
@@ -254,15 +265,7 @@ def mtp_forward_step(
     In per-token mode pass the step's `global_counts` (see the module docstring).
     """
     batch = next(data_iterator) if data_iterator is not None else {}
-    tokens = batch.get("tokens")
-    output = model(
-        tokens,
-        batch.get("position_ids"),
-        batch.get("attention_mask"),
-        labels=batch.get("labels"),
-        loss_mask=batch.get("loss_mask"),
-    )
-    return output, partial(
+    return forward_batch(model, batch), partial(
         mtp_loss_func,
         batch.get("loss_mask"),
         lam=lam,

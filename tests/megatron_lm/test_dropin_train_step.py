@@ -126,6 +126,18 @@ def _dropin_worker(num_experts, num_depths, tied):
     return {"native": native[1:], "plugin": plugin[1:]}
 
 
+def _assert_grads_close(plugin, native, it, *, atol_of_max):
+    """rtol 1e-5, plus an atol relative to each tensor's largest element (summation-order rounding)."""
+    for name, grad in native.items():
+        torch.testing.assert_close(
+            plugin[name],
+            grad,
+            rtol=1e-5,
+            atol=atol_of_max * float(grad.abs().max()),
+            msg=lambda m, name=name: f"iter {it + 1} {name}: {m}",
+        )
+
+
 CASES = [
     pytest.param(None, 1, True, id="dense-D1-tied"),
     pytest.param(None, 2, False, id="dense-D2-untied"),
@@ -150,15 +162,7 @@ def test_dropin_matches_native_mtp_through_train_step(num_experts, num_depths, t
         for k in range(1, num_depths + 1):
             assert p_losses[it][f"mtp_{k} loss"] == pytest.approx(n_depth[it][k - 1], rel=1e-5)
             assert 0.0 <= p_losses[it][f"mtp_{k} acceptance"] <= 1.0
-        for name, grad in n_grads[it].items():
-            atol = 1e-6 * float(grad.abs().max())  # rounding of the summation order, relative to the tensor
-            torch.testing.assert_close(
-                p_grads[it][name],
-                grad,
-                rtol=1e-5,
-                atol=atol,
-                msg=lambda m, it=it, name=name: f"iter {it + 1} {name}: {m}",
-            )
+        _assert_grads_close(p_grads[it], n_grads[it], it, atol_of_max=1e-6)
 
 
 def _fallback_worker():
@@ -248,13 +252,5 @@ def test_per_token_mode_normalises_each_depth_by_its_own_count():
     )[0]
     for it in range(ITERATIONS):
         assert plugin_losses[it]["lm loss"] == pytest.approx(native_losses[it]["lm loss"], rel=1e-5)
-        for name, grad in native_grads[it].items():
-            # Unnormalised per-token sums: rounding grows with the token count, hence 1e-5 of the tensor's max.
-            atol = 1e-5 * float(grad.abs().max())
-            torch.testing.assert_close(
-                plugin_grads[it][name],
-                grad,
-                rtol=1e-5,
-                atol=atol,
-                msg=lambda m, it=it, name=name: f"iter {it + 1} {name}: {m}",
-            )
+        # Unnormalised per-token sums: rounding grows with the token count.
+        _assert_grads_close(plugin_grads[it], native_grads[it], it, atol_of_max=1e-5)
