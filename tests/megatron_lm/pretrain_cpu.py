@@ -39,6 +39,12 @@ def main() -> None:
     torch.cuda.is_available = lambda: sys._getframe(1).f_code.co_name == "initialize_megatron"
     torch.cuda.memory_allocated = torch.cuda.max_memory_allocated = lambda device=None: 0
     torch.cuda.memory_reserved = torch.cuda.max_memory_reserved = lambda device=None: 0
+    try:  # core_v0.16's initialize_megatron always builds the legacy CUDA kernels (nvcc); none exist on CPU
+        import megatron.legacy.fused_kernels as legacy_kernels
+
+        legacy_kernels.load = lambda args: None
+    except ImportError:
+        pass
     sys.path.insert(0, str(Path(script).resolve().parent))
     sys.argv = [script, *flags, *megatron_lm_harness.CPU_FLAGS]
     runpy.run_path(script, run_name="__main__")

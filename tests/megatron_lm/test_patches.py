@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,13 +35,25 @@ pytestmark = [
 ]
 
 
-def _checkout(tag: str, into: Path) -> Path:
+def _checkout(tag: str, into: Path, *paths: str) -> Path:
     into.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(
-        ["git", "-C", MEGATRON_LM_DIR, "archive", tag, *SCRIPTS], check=True, capture_output=True
+        ["git", "-C", MEGATRON_LM_DIR, "archive", tag, *SCRIPTS, *paths], check=True, capture_output=True
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
+
+
+def _megatron_tree(tag: str, into: Path) -> Path:
+    """The tag's own `megatron/` package, with the installed wheel's prebuilt dataset helpers."""
+    import megatron.core.datasets as installed
+
+    tree = _checkout(tag, into, "megatron")
+    datasets = tree / "megatron" / "core" / "datasets"
+    for helper in Path(installed.__path__[0]).glob("helpers_cpp*.so"):
+        shutil.copy(helper, datasets / helper.name)
+    (datasets / "Makefile").write_text("default:\n\t@true\n")
+    return tree
 
 
 @pytest.mark.parametrize("tag", TAGS)
@@ -110,10 +123,11 @@ FLAGS = [
 FIELD = re.compile(r"\| ([a-z_0-9 ]+): ([-+0-9.E]+) ")
 
 
-def _train(script_dir: Path) -> list[dict[str, float]]:
+def _train(script_dir: Path, tree: Path) -> list[dict[str, float]]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT)])}
     run = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "megatron_lm" / "pretrain_cpu.py"), "pretrain_gpt.py", *FLAGS],
-        cwd=script_dir, capture_output=True, text=True, timeout=400,
+        cwd=script_dir, capture_output=True, text=True, timeout=400, env=env,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = [line for line in run.stdout.splitlines() if re.search(r"iteration +\d+/ +\d+ \|", line)]
@@ -121,19 +135,23 @@ def _train(script_dir: Path) -> list[dict[str, float]]:
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("megatron.training") is None,
-    reason="needs megatron.training (megatron-core >= 0.17)",
+    importlib.util.find_spec("triton") is None,
+    reason="Megatron-LM's megatron/ imports triton (the 0.19.2 leg has it)",
 )
-def test_patched_core_v019_script_trains_like_native_mtp(tmp_path):
-    native_dir = _checkout("core_v0.19.0", tmp_path / "native")
-    plugin_dir = _checkout("core_v0.19.0", tmp_path / "plugin")
+@pytest.mark.parametrize("tag", TAGS)
+def test_patched_script_trains_like_native_mtp(tag, tmp_path):
+    tree = _megatron_tree(tag, tmp_path / "tree")
+    native_dir = _checkout(tag, tmp_path / "native")
+    plugin_dir = _checkout(tag, tmp_path / "plugin")
     subprocess.run(
-        ["git", "apply", str(PATCHES / "pretrain_gpt_mtp.core_v0.19.0.patch")], cwd=plugin_dir, check=True
+        ["git", "apply", str(PATCHES / f"pretrain_gpt_mtp.{tag}.patch")], cwd=plugin_dir, check=True
     )
-    native, plugin = _train(native_dir), _train(plugin_dir)
+    native, plugin = _train(native_dir, tree), _train(plugin_dir, tree)
     assert len(native) == len(plugin) == 4
     for n, p in zip(native, plugin):
         for key in ("lm loss", "mtp_1 loss", "mtp_2 loss", "grad norm"):
             assert p[key] == pytest.approx(n[key], rel=2e-5), (key, n, p)
-        assert "mtp_1 acceptance" in p and "mtp_1 acceptance" not in n
-        assert 0.0 <= p["mtp_2 acceptance"] <= 1.0
+        assert not any("acceptance" in key for key in n)
+        # core_v0.16 - v0.18's training_log leaves out a metric whose value is 0, so a step may lack one.
+        assert all(0.0 <= p.get(f"mtp_{k} acceptance", 0.0) <= 1.0 for k in (1, 2))
+    assert any("mtp_1 acceptance" in p or "mtp_2 acceptance" in p for p in plugin)
