@@ -21,7 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mtp_plugin.config import ExperimentConfig
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "hydra_configs"
+# Shipped inside the package (wheels too); the top-level hydra_configs/ of a checkout links here.
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "hydra_configs"
 CONFIG_NAME = "config"
 SCHEMA_NAME = "experiment_schema"
 
