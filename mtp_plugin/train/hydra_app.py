@@ -163,18 +163,19 @@ def train_from_config(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[st
         experiment, world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available()
     )
     # Megatron is imported only now, after every check that could reject the configuration.
+    from mtp_plugin.train import logs
     from mtp_plugin.train.loop import run
 
     if not torch.cuda.is_available():
         from mtp_plugin.train.cpu import enable_megatron_on_cpu
 
         enable_megatron_on_cpu()
-    result = run(experiment)
+    log = logs.RunLog(Path(output_dir) / logs.TRAIN_LOG_NAME)  # what it prints, also in <run dir>/train.log
+    result = run(experiment, print_fn=log)
     summary = dict(result.valid_history[-1]) if result.valid_history else {}
     if result.train_history:
-        print(
-            f" finished {result.iterations} iterations ({result.consumed_tokens} tokens) in {result.wall_s:.1f} s",
-            flush=True,
+        log(
+            f" finished {result.iterations} iterations ({result.consumed_tokens} tokens) in {result.wall_s:.1f} s"
         )
     return summary
 

@@ -1,4 +1,5 @@
-"""Per-interval log lines in Megatron-LM's layout, their parser, TensorBoard scalars and the loss plot.
+"""Per-interval log lines in Megatron-LM's layout, their parser, the run's log file, TensorBoard scalars
+and the loss plot.
 
 A training line (Megatron-LM `training_log`, with tokens instead of samples and the MTP fields):
 
@@ -11,6 +12,9 @@ A training line (Megatron-LM `training_log`, with tokens instead of samples and 
 ` validation loss at iteration 10 | lm loss value: ... | lm loss PPL: ... | mtp_1 loss value: ... |
 mtp_1 acceptance value: ... |`. Values are averaged over the log interval,
 token-weighted, across data-parallel ranks.
+
+Every line the app prints (start-up progress, these lines, checkpoints) also goes to `train.log` in the
+run directory (`RunLog`).
 """
 
 from __future__ import annotations
@@ -106,6 +110,45 @@ def parse_log_line(line: str) -> dict[str, float] | None:
     return fields
 
 
+TRAIN_LOG_NAME = "train.log"
+
+
+class RunLog:
+    """A `print_fn` for the trainer: prints each line (flushed) and appends it to `path`, e.g.
+    `<run dir>/train.log`. The file is opened at the first line, so only the rank that prints (the
+    logging rank) creates it and a run rejected before training leaves none."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = None if path is None else Path(path)
+        self._file = None
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        self.write_file(line)
+
+    def write_file(self, line: str) -> None:
+        """Only the file (the console line went out through a progress bar's `write`)."""
+        if self.path is None:
+            return
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - line-buffered, lives with the run
+        self._file.write(line + "\n")
+
+
+def to_file(print_fn, line: str) -> None:
+    """Append `line` to the run's log file if `print_fn` is a `RunLog` (for lines printed another way)."""
+    if isinstance(print_fn, RunLog):
+        print_fn.write_file(line)
+
+
+def startup(print_fn, enabled: bool, message: str) -> None:
+    """A start-up progress line (`[time] building the model ...`), so the seconds before the first
+    iteration line are not silent; `enabled` on the logging rank only."""
+    if enabled:
+        print_fn(f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] {message}")
+
+
 class ScalarWriter:
     """TensorBoard scalars (one tag per logged field) and the same values, exact, as JSON lines in
     `log_dir/scalars.jsonl` (TensorBoard keeps float32; scripts and tests compare runs bit for bit from the
@@ -145,34 +188,115 @@ def read_scalars(path: str | Path) -> list[dict[str, float]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def lambda_switches(train_history: list[dict[str, float]]) -> list[tuple[float, float, float]]:
+    """(iteration, λ before, λ from then on) wherever `mtp lambda` changes between logged iterations."""
+    switches = []
+    previous = None
+    for h in train_history:
+        lam = h.get("mtp lambda")
+        if lam is None:
+            continue
+        if previous is not None and lam != previous:
+            switches.append((h["iteration"], previous, lam))
+        previous = lam
+    return switches
+
+
+def _smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over `window` points (per-iteration losses are noisy; differences more so)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def loss_figure(
+    train_history: list[dict[str, float]],
+    valid_history: list[dict[str, float]],
+    num_depths: int,
+):
+    """The loss plot as a matplotlib Figure. Panel 1: main and per-depth losses; with MTP, panel 2: each
+    depth's loss minus the main loss (the curves of panel 1 lie on top of each other at this scale) and
+    panel 3: each depth's acceptance (top-1 accuracy). Validation values are markers; a dashed vertical
+    line (gid "lambda-switch") marks every iteration where λ changes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    num_panels = 3 if num_depths > 0 else 1
+    fig, axes = plt.subplots(num_panels, 1, figsize=(7, 3.2 * num_panels), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    window = max(1, len(train_history) // 25)
+    depths = range(1, num_depths + 1)
+
+    def curve(ax, keys, value, *, color, label, valid_label):
+        """Training values (raw, faint, and smoothed) and validation values (markers) of `value(h)`."""
+        train = [(h["iteration"], value(h)) for h in train_history if all(k in h for k in keys)]
+        if train:
+            xs, ys = zip(*train)
+            ax.plot(xs, ys, color=color, alpha=0.25, linewidth=0.8)
+            ax.plot(xs, _smooth(list(ys), window), color=color, label=label)
+        valid = [(h["iteration"], value(h)) for h in valid_history if all(k in h for k in keys)]
+        if valid:
+            ax.plot(*zip(*valid), "o", color=color, label=valid_label)
+
+    for i, name in enumerate(["lm loss"] + [f"mtp_{k} loss" for k in depths]):
+        value = lambda h, n=name: h[n]
+        curve(axes[0], (name,), value, color=f"C{i}", label=name, valid_label=f"{name} (validation)")
+    axes[0].set_ylabel("cross-entropy (nats)")
+    axes[0].set_title("main and per-depth MTP losses")
+    if num_depths > 0:
+        for k in depths:
+            diff = lambda h, k=k: h[f"mtp_{k} loss"] - h["lm loss"]
+            keys = (f"mtp_{k} loss", "lm loss")
+            curve(
+                axes[1],
+                keys,
+                diff,
+                color=f"C{k}",
+                label=f"mtp_{k} loss - lm loss",
+                valid_label=f"mtp_{k} (validation)",
+            )
+            name = f"mtp_{k} acceptance"
+            value = lambda h, n=name: h[n]
+            curve(axes[2], (name,), value, color=f"C{k}", label=name, valid_label=f"mtp_{k} (validation)")
+        axes[1].axhline(0.0, color="0.5", linewidth=0.8)
+        axes[1].set_ylabel("mtp_k loss - lm loss (nats)")
+        axes[2].set_ylabel("top-1 acceptance")
+    for iteration, before, after in lambda_switches(train_history):
+        for ax in axes:
+            ax.axvline(iteration, color="k", linestyle="--", linewidth=1, gid="lambda-switch")
+        axes[0].annotate(
+            f"λ {before:g} → {after:g}",
+            (iteration, 1.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(3, -12),
+            textcoords="offset points",
+            fontsize=8,
+        )
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[-1].set_xlabel("iteration")
+    fig.tight_layout()
+    return fig
+
+
 def plot_loss_curves(
     train_history: list[dict[str, float]],
     valid_history: list[dict[str, float]],
     num_depths: int,
     path: str | Path,
 ) -> Path:
-    """PNG of the main and per-depth losses against iteration (training lines; validation as markers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
+    """`loss_figure` as a PNG at `path`."""
+    fig = loss_figure(train_history, valid_history, num_depths)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    names = ["lm loss"] + [f"mtp_{k} loss" for k in range(1, num_depths + 1)]
-    for i, name in enumerate(names):
-        color = f"C{i}"
-        points = [(h["iteration"], h[name]) for h in train_history if name in h]
-        if points:
-            ax.plot(*zip(*points), color=color, label=name)
-        vpoints = [(h["iteration"], h[name]) for h in valid_history if name in h]
-        if vpoints:
-            ax.plot(*zip(*vpoints), "o", color=color, label=f"{name} (validation)")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cross-entropy (nats)")
-    ax.set_title("main and per-depth MTP losses")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

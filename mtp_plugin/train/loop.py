@@ -109,6 +109,7 @@ class Trainer:
 
         cfg, par, tr = self.cfg, self.cfg.parallel, self.cfg.training
         plan = check_supported(cfg.model, par, cfg.mtp)
+        logs.startup(self._print, self.is_logging_rank, f"initialising {self.world_size} process(es): {par}")
         ps.initialize_model_parallel(
             tensor_model_parallel_size=par.tensor_model_parallel_size,
             pipeline_model_parallel_size=par.pipeline_model_parallel_size,
@@ -138,6 +139,7 @@ class Trainer:
             params_dtype=params_dtype,
             deterministic_mode=cfg.backend.deterministic,
         )
+        logs.startup(self._print, self.is_logging_rank, "building the model ...")
         model = build_mtp_gpt_model(
             cfg.model,
             cfg.mtp,
@@ -191,6 +193,12 @@ class Trainer:
         self.tf_config.finalize_model_grads_func = finalize_model_grads
         self.tf_config.grad_scale_func = self.optimizer.scale_loss
 
+        n_params = sum(p.numel() for p in model.parameters())
+        logs.startup(
+            self._print,
+            self.is_logging_rank,
+            f"built the model ({n_params:,} parameters on this rank); building datasets ...",
+        )
         self.train_ds, self.valid_ds = train_data.build_datasets(cfg.data, cfg.model, tr, seed=tr.seed)
         self.metrics = MTPMetrics(cfg.mtp.num_depths)
         self.valid_metrics = MTPMetrics(cfg.mtp.num_depths)
@@ -381,6 +389,9 @@ class Trainer:
         first_iteration = self.iteration
         metric_names = logs.metric_names(self.cfg.mtp.num_depths)
         writer = logs.ScalarWriter(tr.tensorboard_dir if self.is_logging_rank else None)
+        logs.startup(
+            self._print, self.is_logging_rank, f"starting training at iteration {self.iteration} of {end}"
+        )
         bar = self._progress_bar()
         start = time.perf_counter()
         interval: list[dict[str, float]] = []
@@ -464,6 +475,7 @@ class Trainer:
     def _emit(self, line: str, bar) -> None:
         if bar is not None:
             bar.write(line)
+            logs.to_file(self._print, line)  # <run dir>/train.log gets the lines a progress bar printed
         else:
             self._print(line)
 

@@ -293,6 +293,14 @@ def test_toy_experiment_trains_20_steps_and_every_depth_loss_falls(tmp_path):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
     assert (run_dir / "tensorboard" / "loss_curves.png").stat().st_size > 10_000
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    # Start-up progress comes before the first iteration line; every printed line is in train.log too.
+    out_lines = proc.stdout.splitlines()
+    first_iteration_line = next(i for i, p in enumerate(parsed) if p)
+    assert any(line.endswith("building the model ...") for line in out_lines[:first_iteration_line])
+    assert any("starting training at iteration 0 of 20" in line for line in out_lines[:first_iteration_line])
+    log_lines = (run_dir / "train.log").read_text().splitlines()
+    assert [p["iteration"] for p in map(logs.parse_log_line, log_lines) if p] == [5, 10, 10, 15, 20, 20]
+    assert any("saved checkpoint" in line for line in log_lines) and "finished 20 iterations" in log_lines[-1]
 
 
 @pytest.mark.megatron
