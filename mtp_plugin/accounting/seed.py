@@ -1,14 +1,16 @@
-"""The seed text's ρ tables, recomputed in correct units, and the true FLOP cost of MTP depths.
+"""The ρ tables of the supervisory-density section (Chapter 7, §7.1 "The Math: Supervisory Density per
+FLOP", the diagnosis section of the multi-token-prediction chapter), recomputed in correct units, and the
+true FLOP cost of MTP depths. (Code names keep `seed` for that text: ``seed_rows``, ``seed_printed``.)
 
-Seed convention (DESIGN.md §3): ``F = 6*N*T`` FLOPs per step, ``B = k*T*log2(V)`` supervisory bits
+§7.1's convention (DESIGN.md §3): ``F = 6*N*T`` FLOPs per step, ``B = k*T*log2(V)`` supervisory bits
 (ceiling) per step for k prediction heads, ``ρ = B/F = k*log2(V) / (6N)`` bits per FLOP.
 
-The seed's bits-per-FLOP figures are right (7B, T=4096, V=50,000: 1.72e14 FLOPs, ≈63,930 bits,
+§7.1's bits-per-FLOP figures are right (7B, T=4096, V=50,000: 1.72e14 FLOPs, ≈63,930 bits,
 3.71e-10 bits/FLOP), but every figure it labels "bits/GFLOP" is bits per *MFLOP*, 10^3 too small
 (3.71e-10 bits/FLOP is 0.371 bits/GFLOP, as its own NumPy snippet prints). Each row here carries the
-seed's printed figure (``seed_printed``) beside the correct one.
+figure §7.1 prints (``seed_printed``) beside the correct one.
 
-The seed also says an extra head costs "~0.2%" FLOPs. That counts the head's weights against all
+§7.1 also says an extra head costs "~0.2%" FLOPs. That counts the head's weights against all
 671B parameters; a DeepSeek-V3 MTP depth is ``eh_proj`` + a full (MoE) transformer block + the head,
 computed by ``mtp_cost`` from the model shape with ``flops.model_forward_flops``.
 """
@@ -49,14 +51,14 @@ GFLOP = 1e9
 SEED_SEQ = 4096
 SEED_VOCAB = 50_000
 DSV3_VOCAB = 128_000
-# The seed rounds log2(128000) = 16.966 to 17.0 and computes its DeepSeek-V3 rows with that.
+# §7.1 rounds log2(128000) = 16.966 to 17.0 and computes its DeepSeek-V3 rows with that.
 DSV3_SEED_BITS_PER_TARGET = 17.0
-# "Effective bits (real text): tokens x ~3 bits" in the seed's first table.
+# "Effective bits (real text): tokens x ~3 bits" in §7.1's first table.
 EFFECTIVE_BITS_PER_TARGET = 3.0
 
 
 def seed_bits(*, k: int, tokens: int, vocab: int, bits_per_target: float | None = None) -> float:
-    """``B = k * T * log2(V)``; ``bits_per_target`` replaces ``log2(V)`` where the seed rounds it or
+    """``B = k * T * log2(V)``; ``bits_per_target`` replaces ``log2(V)`` where §7.1 rounds it or
     counts effective (real-text) bits."""
     per_target = math.log2(vocab) if bits_per_target is None else bits_per_target
     return k * tokens * per_target
@@ -69,8 +71,8 @@ def rho_bits_per_flop(*, n_active: float, k: int, vocab: int, bits_per_target: f
 
 @dataclass(frozen=True, kw_only=True)
 class SeedRow:
-    """One row of the seed's tables. ``active_params`` is the N that goes into ``6*N*T``;
-    ``seed_printed`` is the seed's figure labelled "bits/GFLOP" (really bits/MFLOP), if it prints one."""
+    """One row of §7.1's tables. ``active_params`` is the N that goes into ``6*N*T``;
+    ``seed_printed`` is §7.1's figure labelled "bits/GFLOP" (really bits/MFLOP), if it prints one."""
 
     model: str
     params: float
@@ -123,7 +125,7 @@ class SeedRow:
 
 
 def seed_rows() -> list[SeedRow]:
-    """Every configuration the seed text computes, k = 1..4 for its three models."""
+    """Every configuration §7.1 computes, k = 1..4 for its three models."""
     rows: list[SeedRow] = []
     printed_7b = {1: 3.71e-4, 2: 7.3e-4, 3: 1.1e-3, 4: 1.5e-3}
     for k in range(1, 5):
@@ -167,7 +169,7 @@ def seed_rows() -> list[SeedRow]:
                     k=k,
                     bits_per_target=DSV3_SEED_BITS_PER_TARGET,
                     seed_printed=printed.get(k),
-                    note="log2 V rounded to 17.0 as in the seed",
+                    note="log2 V rounded to 17.0 as in §7.1",
                 )
             )
     rows += [
@@ -180,7 +182,7 @@ def seed_rows() -> list[SeedRow]:
             k=1,
             bits_per_target=EFFECTIVE_BITS_PER_TARGET,
             seed_printed=7e-5,
-            note="real text ~3 bits/target (seed's first table)",
+            note="real text ~3 bits/target (§7.1's first table)",
         ),
         SeedRow(
             model="DeepSeek-V3 effective (all 671B)",
@@ -191,7 +193,7 @@ def seed_rows() -> list[SeedRow]:
             k=1,
             bits_per_target=EFFECTIVE_BITS_PER_TARGET,
             seed_printed=8e-7,
-            note="real text ~3 bits/target (seed's first table)",
+            note="real text ~3 bits/target (§7.1's first table)",
         ),
         SeedRow(
             model="sanity 100M",
@@ -209,7 +211,7 @@ def seed_rows() -> list[SeedRow]:
             seq=SEED_SEQ,
             vocab=2,
             k=1,
-            note="1/6 bit per FLOP; the seed agrees (it prints bits/FLOP here)",
+            note="1/6 bit per FLOP; §7.1 agrees (it prints bits/FLOP here)",
         ),
         SeedRow(
             model="GPT-2 1.5B",
@@ -219,7 +221,7 @@ def seed_rows() -> list[SeedRow]:
             vocab=SEED_VOCAB,
             k=1,
             seed_printed=5e-3,
-            note="seed's era table; off by ~350x, not 10^3: matches neither unit",
+            note="§7.1's era table; off by ~350x, not 10^3: matches neither unit",
         ),
     ]
     return rows
@@ -305,7 +307,7 @@ class MtpCost:
 
     @property
     def head_only_fraction(self) -> float:
-        """What the seed's "~0.2%" counts: one more head, nothing else."""
+        """What §7.1's "~0.2%" counts: one more head, nothing else."""
         return self.head_flops_per_token / self.trunk_flops_per_token
 
     @property
@@ -376,9 +378,11 @@ def default_mtp_costs() -> list[MtpCost]:
 
 # --- text output -----------------------------------------------------------------------------------
 
+SOURCE = 'Chapter 7, §7.1 "The Math: Supervisory Density per FLOP" (the multi-token-prediction chapter)'
 UNITS_LINE = (
-    "Units: the seed's bits-per-FLOP figures are right, but every figure it labels 'bits/GFLOP' is "
-    "bits per MFLOP (10^3 too small); 'bits/GFLOP' below is correct, 'seed printed' is the seed's figure."
+    f"Source: {SOURCE}, its 7B/70B/671B walkthrough and tables.\n"
+    "Units: §7.1's bits-per-FLOP figures are right, but every figure it labels 'bits/GFLOP' is "
+    "bits per MFLOP (10^3 too small); 'bits/GFLOP' below is correct, '§7.1 printed' is its figure."
 )
 
 
@@ -392,7 +396,7 @@ def _fmt(x: float | None, spec: str = ".3g") -> str:
 def format_seed_table(rows: list[SeedRow]) -> str:
     header = (
         f"{'model':<34} {'N (in 6NT)':>10} {'k':>2} {'FLOPs/step':>10} {'bits/step':>10} "
-        f"{'bits/FLOP':>10} {'bits/GFLOP':>11} {'seed printed':>12} {'x seed':>7}  note"
+        f"{'bits/FLOP':>10} {'bits/GFLOP':>11} {'§7.1 printed':>12} {'x §7.1':>7}  note"
     )
     lines = [UNITS_LINE, "", header, "-" * len(header)]
     for row in rows:
@@ -409,7 +413,7 @@ def format_mtp_costs(costs: list[MtpCost], *, max_depths: int = 4) -> str:
     lines = [
         "True cost of MTP depths (per depth: eh_proj 2h->h + full transformer block + output head h->V;",
         "forward matmul FLOPs per token, causal attention scores counted as half of T x T).",
-        "Seed: 'an extra head costs ~0.2% FLOPs' (head weights vs all 671B params) -- it omits eh_proj",
+        "§7.1: 'an extra head costs ~0.2% FLOPs' (head weights vs all 671B params) -- it omits eh_proj",
         "and the block, and for DeepSeek-V3 measures against total rather than active parameters",
         f"(DeepSeek-V3's head: {_DSV3_HEAD_PARAMS / 1e9:.2f}B weights = {_DSV3_HEAD_PARAMS / 6.71e11:.2%} of 671B, "
         f"{_DSV3_HEAD_PARAMS / 3.7e10:.1%} of 37B active).",

@@ -105,8 +105,10 @@ def test_seed_table_json_schema(capsys):
 
 
 def test_seed_table_text_prints_both_units_and_true_cost(capsys):
-    assert main(["seed-table"]) == 0
+    assert main(["density-table"]) == 0
     out = capsys.readouterr().out
+    assert out.startswith('Source: Chapter 7, §7.1 "The Math: Supervisory Density per FLOP"')
+    assert "seed" not in out.lower()  # the chapter is named, not "the seed"
     assert "bits per MFLOP" in out and "10^3 too small" in out
     assert "0.3717" in out and "0.000371" in out  # correct value beside the seed's figure
     assert "~0.2%" in out and "DeepSeek-V3" in out and "+1 depth" in out
