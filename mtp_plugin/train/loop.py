@@ -109,7 +109,10 @@ class Trainer:
 
         cfg, par, tr = self.cfg, self.cfg.parallel, self.cfg.training
         plan = check_supported(cfg.model, par, cfg.mtp)
-        logs.startup(self._print, self.is_logging_rank, f"initialising {self.world_size} process(es): {par}")
+        sizes = f"tp {par.tensor_model_parallel_size}, pp {par.pipeline_model_parallel_size}, ep {par.expert_model_parallel_size}"
+        logs.startup(
+            self._print, self.is_logging_rank, f"initialising {self.world_size} process(es) ({sizes})"
+        )
         ps.initialize_model_parallel(
             tensor_model_parallel_size=par.tensor_model_parallel_size,
             pipeline_model_parallel_size=par.pipeline_model_parallel_size,
