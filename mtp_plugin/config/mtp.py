@@ -40,6 +40,11 @@ class LambdaScheduleConfig:
             raise ValueError(
                 f"mtp.lambda_schedule.kind={self.kind!r} is unknown; choose one of {sorted(SCHEDULE_KINDS)}"
             )
+        if self.kind != "piecewise" and (self.boundaries_tokens or self.values):
+            raise ValueError(
+                f"mtp.lambda_schedule.boundaries_tokens/values are set but kind={self.kind!r} ignores them; "
+                "set mtp.lambda_schedule.kind=piecewise or clear them"
+            )
         self.build()  # constructing the schedule validates its fields
 
     def build(self) -> LambdaSchedule:
@@ -60,7 +65,10 @@ class LambdaScheduleConfig:
 class MTPConfig:
     """Multi-token prediction settings (DESIGN.md §2, §5).
 
-    num_depths: D, the number of sequential MTP modules (0 disables MTP).
+    num_depths: D, the number of sequential MTP modules. 0 disables MTP and is exactly `mtp=off`: λ is
+      set to the constant 0 whatever schedule the groups gave (nothing is scored at any depth, and the
+      log says λ = 0 instead of a value that weights nothing); depth_weights and placement='stage'
+      need D >= 1.
     lambda_schedule: λ(consumed tokens) weighting Σ_k w_k L_k against the main loss.
     depth_weights: w_k, non-negative, summing to 1; empty means 1/D each (DeepSeek-V3).
     loss_chunk_tokens: tokens per chunk of the fused head + cross-entropy of the MTP depths (default
@@ -84,6 +92,18 @@ class MTPConfig:
             self.lambda_schedule = LambdaScheduleConfig(**self.lambda_schedule)
         if self.num_depths < 0:
             raise ValueError(f"mtp.num_depths must be >= 1 (or 0 to disable MTP), got {self.num_depths}")
+        if self.num_depths == 0:
+            if self.depth_weights:
+                raise ValueError(
+                    f"mtp.depth_weights={self.depth_weights} with mtp.num_depths=0: there is no depth to weight; "
+                    "drop depth_weights or set num_depths"
+                )
+            if self.placement != "last":
+                raise ValueError(
+                    f"mtp.placement={self.placement!r} with mtp.num_depths=0: there is no MTP to place; "
+                    "use mtp=off alone or set num_depths"
+                )
+            self.lambda_schedule = LambdaScheduleConfig(kind="constant", value=0.0)
         if self.depth_weights and self.num_depths:
             if len(self.depth_weights) != self.num_depths:
                 raise ValueError(

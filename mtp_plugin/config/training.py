@@ -34,7 +34,9 @@ class TrainingConfig:
     exit_interval: stop after an iteration divisible by N (saving there when save_dir is set), e.g. to end
       within a job's time limit; the same command without it resumes (Megatron-LM's --exit-interval). 0: off.
     save_dir / load_dir: checkpoint directories (None: no save / no resume). load_dir may equal save_dir;
-      a missing `latest` pointer there means "start fresh".
+      a missing `latest` pointer there means "start fresh". Any other load_dir (outside the run
+      directory) is a checkpoint to start from: it must exist and hold `latest`. Both are checked, and
+      save_dir probed for writing, before the run starts.
     tensorboard_dir: TensorBoard event files, their exact values as `scalars.jsonl`, and the per-depth loss
       plot (None: none of them).
     progress_bar: "auto" (a tqdm bar when stdout is a terminal), "on", or "off".
@@ -70,6 +72,8 @@ class TrainingConfig:
         for name in ("train_iters", "global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"training.lr must be > 0, got {self.lr}")
         for name in ("lr_warmup_iters", "eval_interval", "eval_iters", "save_interval", "exit_interval"):
             if getattr(self, name) < 0:
                 raise ValueError(f"training.{name} must be >= 0 (0 disables it), got {getattr(self, name)}")
@@ -172,11 +176,22 @@ class DataConfig:
         ):
             if not prefix:
                 continue
+            if prefix.endswith((".bin", ".idx")):
+                raise FileNotFoundError(
+                    f"data.{name}={prefix}: give the prefix without the extension, data.{name}={prefix[:-4]}"
+                )
+            if os.path.isdir(prefix):
+                raise FileNotFoundError(
+                    f"data.{name}={prefix} is a directory; give the prefix of its files, e.g. "
+                    f"data.{name}={os.path.join(prefix, 'train_text_document')}"
+                )
             for ext in (".bin", ".idx"):
                 if not os.path.isfile(prefix + ext):
+                    no_valid = name == "valid_prefix" and not os.path.exists(prefix + ".bin")
                     raise FileNotFoundError(
                         f"data.{name}={prefix}: {prefix}{ext} does not exist; run `make data` (or "
                         f"`python -m mtp_plugin.data prepare --out DIR`) or point data.{name} at an indexed dataset"
+                        + (" (data.valid_prefix=null trains without validation)" if no_valid else "")
                     )
 
 
@@ -218,6 +233,11 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         self.mtp.check_sequence_length(self.model.seq_length)
+        if not 0 <= self.data.eod_id < self.model.vocab_size:
+            raise ValueError(
+                f"data.eod_id={self.data.eod_id} is outside the vocabulary [0, model.vocab_size={self.model.vocab_size}); "
+                "set data.eod_id to the tokenizer's end-of-document id"
+            )
         ep = self.parallel.expert_model_parallel_size
         if ep > 1 and not self.model.is_moe:
             raise ValueError(

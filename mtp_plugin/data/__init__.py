@@ -9,7 +9,7 @@ Megatron-Core is imported only by the indexed-dataset functions; Hydra and DeepS
 
 from mtp_plugin.data.corpus import MANIFEST_NAME, TRAIN_PREFIX, VALID_PREFIX, prepare_corpus
 from mtp_plugin.data.errors import DataError
-from mtp_plugin.data.indexed import max_token_id, read_indexed_dataset, write_indexed_dataset
+from mtp_plugin.data.indexed import max_token_id, read_index, read_indexed_dataset, write_indexed_dataset
 from mtp_plugin.data.tokenizer import GPT2_EOD_ID, GPT2_VOCAB_SIZE, GPT2Tokenizer, load_gpt2_tokenizer
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "load_gpt2_tokenizer",
     "max_token_id",
     "prepare_corpus",
+    "read_index",
     "read_indexed_dataset",
     "write_indexed_dataset",
 ]

@@ -238,7 +238,8 @@ def split_documents(num_documents: int, valid_fraction: float, seed: int) -> tup
 
 def _outputs_match(out_dir: Path, manifest: dict) -> bool:
     outputs = manifest.get("outputs", {})
-    expected = {f"{p}.{ext}" for p in (TRAIN_PREFIX, VALID_PREFIX) for ext in ("bin", "idx")}
+    prefixes = [info.get("prefix") for info in manifest.get("splits", {}).values() if isinstance(info, dict)]
+    expected = {f"{p}.{ext}" for p in prefixes for ext in ("bin", "idx")}
     if set(outputs) != expected:
         return False
     return all((out_dir / n).is_file() and sha256_file(out_dir / n) == sha for n, sha in outputs.items())
@@ -354,11 +355,16 @@ def prepare_corpus(
     try:
         splits = {}
         for split, prefix, idx in (("train", TRAIN_PREFIX, train_idx), ("valid", VALID_PREFIX, valid_idx)):
+            if not idx:  # --valid-fraction 0: no valid files at all rather than an empty, unreadable pair
+                continue
             num_docs, num_tokens = write_indexed_dataset(staging / prefix, (ids[i] for i in idx))
             splits[split] = {"prefix": prefix, "num_documents": num_docs, "num_tokens": num_tokens}
-        # Which works are held out, for the reader of the manifest; capped so a big .jsonl stays small.
-        valid_names = [docs[i].name for i in valid_idx]
-        splits["valid"]["documents"] = valid_names if len(valid_names) <= 100 else valid_names[:100] + ["..."]
+        if valid_idx:
+            # Which works are held out, for the reader of the manifest; capped so a big .jsonl stays small.
+            valid_names = [docs[i].name for i in valid_idx]
+            splits["valid"]["documents"] = (
+                valid_names if len(valid_names) <= 100 else valid_names[:100] + ["..."]
+            )
         outputs = {p.name: sha256_file(p) for p in sorted(staging.iterdir())}
         manifest = {**identity, "splits": splits, "outputs": outputs}
         (staging / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -368,5 +374,9 @@ def prepare_corpus(
         raise
     for split, info in splits.items():
         log(f"{split}: {info['num_documents']} documents, {info['num_tokens']} tokens (EOD included)")
+    if "valid" not in splits:
+        log(
+            f"valid: none (--valid-fraction 0); train with data.train_prefix={out_dir / TRAIN_PREFIX} data.valid_prefix=null"
+        )
     log(f"wrote {out_dir} in {time.perf_counter() - start:.1f} s")
     return manifest

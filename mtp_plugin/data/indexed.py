@@ -7,6 +7,7 @@ for GPT-2's 50257). Megatron is imported inside the functions so tokenization wo
 
 from __future__ import annotations
 
+import struct
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -77,12 +78,64 @@ def max_token_id(prefix: str | Path) -> int:
 
     One memory-mapped pass over the file at memory (or disk) bandwidth; nothing is loaded into RAM.
     """
-    indexed_dataset = _indexed_dataset_module()
-    dataset = indexed_dataset.IndexedDataset(str(prefix), mmap=True)
-    dtype = dataset.index.dtype
-    del dataset
-    bin_path = indexed_dataset.get_bin_path(str(prefix))
-    if Path(bin_path).stat().st_size == 0:
+    lengths, dtype = read_index(prefix)
+    if not lengths.sum():
         return -1
-    tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-    return int(tokens.max())
+    return int(np.memmap(f"{prefix}.bin", dtype=dtype, mode="r").max())
+
+
+# Megatron-Core's `.idx` layout (megatron/core/datasets/indexed_dataset.py, _IndexWriter/_IndexReader):
+# 9-byte magic, <Q version (1), <B dtype code, <Q sequence count, <Q document count, then int32 sequence
+# lengths, int64 sequence byte pointers, int64 document indices (and int8 modes if multimodal).
+_INDEX_MAGIC = b"MMIDIDX\x00\x00"
+_HEADER_BYTES = 9 + 8 + 1 + 8 + 8
+_DTYPES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+
+
+def read_index(prefix: str | Path) -> tuple[np.ndarray, np.dtype]:
+    """(tokens per sequence, token dtype) of `prefix.{bin,idx}`, after checking that both files are whole.
+
+    Reads the `.idx` itself instead of through Megatron's reader, which on a damaged file fails
+    later and deeper (`cannot mmap an empty file`, `buffer is smaller than requested size`, an
+    assertion on the header) without naming the file. ValueError names the file and what is wrong.
+    """
+    idx_path, bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
+    idx_size = idx_path.stat().st_size
+    remake = "re-create it (python -m mtp_plugin.data prepare, or Megatron-LM's tools/preprocess_data.py)"
+    if idx_size < _HEADER_BYTES:
+        raise ValueError(f"{idx_path} is {idx_size} bytes, shorter than an index header; {remake}")
+    with open(idx_path, "rb") as f:
+        header = f.read(_HEADER_BYTES)
+    if header[:9] != _INDEX_MAGIC:
+        raise ValueError(f"{idx_path} is not a Megatron index file (no MMIDIDX header); {remake}")
+    (version,) = struct.unpack("<Q", header[9:17])
+    code = header[17]
+    num_sequences, num_documents = struct.unpack("<QQ", header[18:34])
+    if version != 1 or code not in _DTYPES:
+        raise ValueError(f"{idx_path}: unknown index version {version} or dtype code {code}; {remake}")
+    expected = _HEADER_BYTES + num_sequences * (4 + 8) + num_documents * 8
+    if idx_size not in (expected, expected + num_sequences):  # + int8 modes of a multimodal index
+        raise ValueError(
+            f"{idx_path} is {idx_size} bytes but its header ({num_sequences} sequences, {num_documents - 1} "
+            f"documents) needs {expected}: the file is truncated or damaged; {remake}"
+        )
+    lengths = np.fromfile(idx_path, dtype=np.int32, count=num_sequences, offset=_HEADER_BYTES).astype(
+        np.int64
+    )
+    dtype = np.dtype(_DTYPES[code])
+    bin_size = bin_path.stat().st_size
+    if bin_size != int(lengths.sum()) * dtype.itemsize:
+        raise ValueError(
+            f"{bin_path} is {bin_size} bytes but {idx_path} indexes {int(lengths.sum())} {dtype.name} tokens "
+            f"({int(lengths.sum()) * dtype.itemsize} bytes): the pair does not match or one is truncated; {remake}"
+        )
+    return lengths, dtype

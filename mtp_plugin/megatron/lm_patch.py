@@ -28,11 +28,11 @@ import warnings
 from typing import Any
 
 from mtp_plugin.config import LambdaScheduleConfig, MTPConfig
+from mtp_plugin.core.cross_entropy import DEFAULT_LOSS_CHUNK_TOKENS
 from mtp_plugin.core.schedules import SCHEDULE_KINDS
 
 # Megatron-LM's default for --mtp-loss-scaling-factor (megatron/training/arguments.py, all supported tags).
 MEGATRON_DEFAULT_MTP_LOSS_SCALING = 0.1
-DEFAULT_CHUNK_TOKENS = 4096
 
 # Field order of pretrain_gpt.get_batch's return value: core_v0.19 returns BATCH_KEYS (alphabetical);
 # core_v0.16 – v0.18 return (tokens, labels, loss_mask, attention_mask, position_ids, packed_seq_params).
@@ -86,9 +86,9 @@ def add_mtp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument(
         "--mtp-plugin-chunk-tokens",
         type=int,
-        default=DEFAULT_CHUNK_TOKENS,
+        default=DEFAULT_LOSS_CHUNK_TOKENS,
         help="Tokens per chunk of the fused head + cross-entropy of the MTP depths, so no depth's full "
-        f"logits are kept for backward (default {DEFAULT_CHUNK_TOKENS}; 0: full logits per depth).",
+        f"logits are kept for backward (default {DEFAULT_LOSS_CHUNK_TOKENS}; 0: full logits per depth).",
     )
     group.add_argument(
         "--mtp-plugin-mask-across-eod",

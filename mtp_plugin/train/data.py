@@ -31,6 +31,75 @@ class _TokenInfo:
         return {"class": "IndexedTokens", "eod": self.eod, "vocab_size": self.vocab_size}
 
 
+def _split_bounds(split: str, num_sequences: int) -> list[tuple[int, int]]:
+    """[begin, end) sequence range of train, valid and test as Megatron cuts them from one dataset
+    (blended_megatron_dataset_config.convert_split_vector_to_split_matrix and
+    BlendedMegatronDatasetBuilder._build_megatron_dataset_splits: normalised weights, rounded bookends)."""
+    weights = [float(w) for w in split.split(",")]
+    total = sum(weights)
+    bounds, start = [], 0.0
+    for weight in weights:
+        end = start + weight / total
+        bounds.append((int(round(start * num_sequences)), int(round(end * num_sequences))))
+        start = end
+    return bounds
+
+
+def check_datasets(data: DataConfig, model: ModelConfig, *, scan_tokens: bool = True) -> list[str]:
+    """Check every dataset file before any process group exists; return notices for the log.
+
+    ValueError (one line naming the field and the file) if a `.bin`/`.idx` pair is empty, truncated or
+    inconsistent, if a split that will be read cannot fill one sample of `model.seq_length + 1` tokens
+    (Megatron's GPTDataset would loop forever counting epochs of an empty split), or if a token id
+    exceeds `model.vocab_size` (scan_tokens=False skips that pass over each `.bin`). An empty `data.valid_prefix` is not an error: validation is turned
+    off (`data.valid_prefix` becomes None) and a notice says so.
+    """
+    from mtp_plugin.data.indexed import read_index
+
+    if scan_tokens:  # first: a corpus of the wrong tokenizer is the more telling finding
+        check_token_range(data, model)
+    need = model.seq_length + 1  # GPTDataset reads one extra token per sample for the shifted labels
+    notices: list[str] = []
+    for name in ("prefix", "train_prefix", "valid_prefix"):
+        prefix = getattr(data, name)
+        if not prefix:
+            continue
+        try:
+            lengths, _ = read_index(prefix)
+        except ValueError as err:
+            raise ValueError(f"data.{name}={prefix}: {err}") from None
+        if name == "valid_prefix" and not lengths.sum():
+            data.valid_prefix = None
+            notices.append(
+                f"no validation: data.valid_prefix={prefix} holds no documents; training without evaluation"
+            )
+            continue
+        if name == "prefix":
+            # Train and valid are read (the test split never is); a zero weight means "not read".
+            weights = [float(w) for w in data.split.split(",")]
+            bounds = _split_bounds(data.split, len(lengths))
+            ranges = [(split, *bounds[i]) for i, split in enumerate(("train", "valid")) if weights[i] > 0]
+        else:
+            ranges = [("train" if name == "train_prefix" else "valid", 0, len(lengths))]
+        for split, lo, hi in ranges:
+            tokens = int(lengths[lo:hi].sum())
+            if tokens < need:
+                fix = (
+                    f"give more documents or change data.split={data.split!r} (e.g. '100,0,0' to train without validation)"
+                    if name == "prefix"
+                    else "give more text or lower model.seq_length"
+                )
+                raise ValueError(
+                    f"data.{name}={prefix}: the {split} split holds {tokens} tokens ({hi - lo} of {len(lengths)} "
+                    f"documents), fewer than one sample of model.seq_length + 1 = {need}; {fix}"
+                )
+    if not data.has_validation and not notices:
+        notices.append(
+            "no validation split (data.valid_prefix=null or a zero valid weight in data.split): training without evaluation"
+        )
+    return notices
+
+
 def check_token_range(data: DataConfig, model: ModelConfig) -> None:
     """ValueError if a dataset holds a token id outside the model's vocabulary (`model.vocab_size`).
 

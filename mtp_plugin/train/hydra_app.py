@@ -2,16 +2,29 @@
 
 Only the entry point imports Hydra. The schema is the plugin's dataclasses (`ExperimentConfig` and the
 group dataclasses it holds), registered in Hydra's ConfigStore; the YAML under `hydra_configs/` fills
-them. Every check that can fail — an unknown group option, a field out of range, groups that do not
-fit each other or the number of processes, a missing dataset — ends the program with one line naming
-the field and the fix, before torch.distributed, Megatron's parallel state or any model exists.
+them. Every check that can fail — an unknown group option or key (with or without `+`), a field out
+of range, groups that do not fit each other or the number of processes, a missing, empty, truncated or
+too small dataset, a damaged checkpoint, an unwritable output directory — ends the program with one
+line naming the field or file and the fix, and exit status 2, before torch.distributed, Megatron's
+parallel state or any model exists.
+
+`main` first composes and validates every job with Hydra's compose API (`preflight`), and only then
+hands the command line to `hydra.main`, so a rejected configuration leaves no `outputs/<date>/<time>/`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import itertools
+import json
 import logging
 import os
+import re
+import shutil
 import sys
+import tempfile
+import typing
 import warnings
 from pathlib import Path
 
@@ -28,7 +41,8 @@ SCHEMA_NAME = "experiment_schema"
 
 
 class ConfigError(SystemExit):
-    """A user-fixable configuration problem: exits with status 2 and this one line."""
+    """A user-fixable problem with the configuration or a file it names (data, checkpoint, output
+    directory), found before the run starts: exits with status 2 and this one line."""
 
     def __init__(self, message: str) -> None:
         super().__init__(2)
@@ -83,8 +97,113 @@ def check_group_overrides(argv: list[str], config_dir: Path = CONFIG_DIR) -> Non
                 )
 
 
+def _schema_fields(schema: type) -> dict[str, object]:
+    """{field name: type} of a config dataclass, annotations resolved (they are strings here)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema)}
+
+
+def _unknown_key(path: list[str], schema: type = ExperimentConfig) -> str | None:
+    """A one-line complaint if the dotted `path` is not a field of the schema, else None."""
+    for depth, name in enumerate(path):
+        fields = _schema_fields(schema)
+        if name not in fields:
+            where = ".".join(path[:depth]) or "the top level"
+            close = difflib.get_close_matches(name, fields, n=1)
+            hint = f"did you mean {'.'.join([*path[:depth], close[0]])}? " if close else ""
+            return (
+                f"error: {'.'.join(path)} is not a setting: {schema.__name__} ({where}) has no field '{name}'; "
+                f"{hint}its fields are {', '.join(fields)}"
+            )
+        if not (isinstance(fields[name], type) and dataclasses.is_dataclass(fields[name])):
+            return None  # a leaf (or a list): Hydra and the dataclass check the value
+        schema = fields[name]
+    return None
+
+
+def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
+    """Reject `key=value`, `+key=value` and `++key=value` for keys the schema does not have.
+
+    Hydra refuses an unknown key without `+` over two lines and suggests `+key`, which it then accepts
+    and the dataclasses never read; the schema decides instead, with or without the prefix.
+    """
+    groups = group_options(config_dir)
+    for arg in overrides:
+        if "=" not in arg:
+            continue
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra.") or key == "hydra" or (key in groups and "." not in key):
+            continue  # Hydra's own settings, or a group choice (checked by check_group_overrides)
+        if key.split("@", 1)[0] != key:
+            raise ConfigError(
+                f"error: {arg}: package overrides (@) are not supported; set fields with key=value"
+            )
+        message = _unknown_key(key.split("."))
+        if message:
+            raise ConfigError(message)
+
+
+def unknown_keys(node: DictConfig, schema: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of a composed config that the schema does not have (e.g. a typo in a group's YAML)."""
+    fields = _schema_fields(schema)
+    found = []
+    for key in node:
+        if key not in fields:
+            found.append(f"{prefix}{key}")
+        elif isinstance(fields[key], type) and dataclasses.is_dataclass(fields[key]):
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+                found += unknown_keys(child, fields[key], f"{prefix}{key}.")
+    return found
+
+
+def check_experiment_overrides(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
+    """Reject `experiment=X group=Y` when X's body sets fields of that group itself.
+
+    An experiment's body is merged after the groups, so `experiment=toy_demo mtp=off` would silently
+    keep toy_demo's `mtp.num_depths: 2`.
+    """
+    choices = {}
+    for arg in overrides:
+        if "=" in arg and not arg.startswith("-"):
+            key, value = arg.split("=", 1)
+            choices[key.lstrip("+")] = value
+    experiment = choices.get("experiment")
+    if not experiment or "," in experiment or experiment == "null":
+        return
+    path = config_dir / "experiment" / f"{experiment}.yaml"
+    body = OmegaConf.to_container(OmegaConf.load(path), resolve=False) if path.is_file() else {}
+    for group in group_options(config_dir):
+        if group in choices and group != "experiment" and isinstance(body.get(group), dict):
+            keys = ", ".join(f"{group}.{k}" for k in body[group])
+            raise ConfigError(
+                f"error: experiment={experiment} sets {keys} itself, which would silently override "
+                f"{group}={choices[group]}; override those fields instead (e.g. {group}.{next(iter(body[group]))}=...) "
+                f"or leave out experiment={experiment}"
+            )
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of a Hydra/OmegaConf error and of its cause, e.g. 'Error merging override
+    model.num_layers=abc: Value 'abc' of type 'str' could not be converted to Integer'."""
+    lines = [str(err).strip().splitlines()[0]] if str(err).strip() else [type(err).__name__]
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        first = str(cause).strip().splitlines()[0]
+        if first not in lines[0]:
+            lines.append(first)
+    return ": ".join(line.rstrip(".") for line in lines)
+
+
 def to_experiment(cfg: DictConfig) -> ExperimentConfig:
     """Build the dataclasses from a composed config; a validation error becomes a ConfigError."""
+    extra = unknown_keys(cfg)
+    if extra:
+        raise ConfigError(_unknown_key(extra[0].split(".")) or f"error: {extra[0]} is not a setting")
+    # OmegaConf.to_object would leave a `???` it cannot fill at the dataclass default instead.
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"error: {missing[0]} is mandatory here (???) and not set; add {missing[0]}=VALUE")
     try:
         experiment = OmegaConf.to_object(cfg)
     except (ValueError, TypeError) as err:
@@ -110,8 +229,20 @@ def resolve_run_paths(experiment: ExperimentConfig, output_dir: str | os.PathLik
             setattr(tr, name, str(Path(output_dir) / value))
 
 
-def validate_for_launch(experiment: ExperimentConfig, *, world_size: int, cuda: bool) -> None:
-    """The checks that need the launch: process count, files on disk, device, the adapter's plan."""
+def validate_for_launch(
+    experiment: ExperimentConfig,
+    *,
+    world_size: int,
+    cuda: bool,
+    scan_tokens: bool = True,
+    run_dir: str | os.PathLike | None = None,
+) -> list[str]:
+    """The checks that need the launch: process count, device, the adapter's plan, then files on disk
+    (datasets, checkpoints, output directories). Returns notices for the log (e.g. no validation split).
+
+    scan_tokens=False skips the one pass over each `.bin` that finds its largest token id (done once
+    already when the app validated the same configuration before Hydra made the run directory).
+    """
     try:
         experiment.check_world_size(world_size)
         if not cuda and experiment.training.clip_grad > 0:
@@ -130,13 +261,126 @@ def validate_for_launch(experiment: ExperimentConfig, *, world_size: int, cuda: 
         from mtp_plugin.megatron import check_supported
 
         check_supported(experiment.model, experiment.parallel, experiment.mtp)
-        # Files last: every configuration error is reported even before the corpus has been prepared.
-        experiment.data.check_files()
-        from mtp_plugin.train.data import check_token_range
-
-        check_token_range(experiment.data, experiment.model)
-    except (ValueError, FileNotFoundError) as err:
+    except ValueError as err:
         raise ConfigError(f"error: {err}") from None
+    # Files last: every configuration error is reported even before the corpus has been prepared.
+    try:
+        experiment.data.check_files()
+        from mtp_plugin.train.data import check_datasets
+
+        notices = check_datasets(experiment.data, experiment.model, scan_tokens=scan_tokens)
+        check_checkpoint_dirs(experiment.training, run_dir)
+    except (ValueError, OSError) as err:
+        raise ConfigError(f"error: {err}") from None
+    return notices
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable(field: str, value: str) -> None:
+    """OSError naming `field` unless `value` is (or can be made) a directory this process can write in.
+
+    Probes with a temporary file in the directory or its nearest existing ancestor, so nothing is left
+    behind and an unwritable save directory is found at start, not at the first save.
+    """
+    path = Path(value)
+    existing = _nearest_existing(path)
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"{field}={value}: {existing} is a file, not a directory; choose another path"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".mtp-write-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise PermissionError(
+            f"{field}={value}: cannot write in {existing} ({err.strerror}); choose a writable directory"
+        ) from None
+
+
+_CHECKPOINT_NAME = re.compile(r"^iter_\d{7}$")
+
+
+def check_checkpoint(path: Path, pointer: Path) -> None:
+    """OSError naming the file unless `path` looks like a finished dist_checkpointing checkpoint."""
+    metadata = path / "metadata.json"
+    if not metadata.is_file():
+        raise FileNotFoundError(
+            f"{pointer} names {path.name}, but {metadata} does not exist (a missing or unfinished checkpoint); "
+            f"point {pointer} at an existing iter_* directory or remove it to start fresh"
+        )
+    try:
+        config = json.loads(metadata.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{metadata} is not JSON ({err.__class__.__name__} at byte/char {getattr(err, 'pos', getattr(err, 'start', '?'))}); the checkpoint is damaged: point {pointer} at another iter_* directory"
+        ) from None
+    if not isinstance(config, dict) or "sharded_backend" not in config:
+        raise ValueError(
+            f"{metadata} is not a dist_checkpointing metadata file (no sharded_backend); the checkpoint "
+            f"is damaged: point {pointer} at another iter_* directory"
+        )
+    common = path / "common.pt"
+    if not common.is_file() or common.stat().st_size == 0:
+        raise FileNotFoundError(
+            f"{common} is missing or empty; the checkpoint is damaged: point {pointer} at another iter_* directory"
+        )
+
+
+def check_checkpoint_dirs(training, run_dir: str | os.PathLike | None = None) -> None:
+    """The checkpoint and output directories of a run, before any process group or model exists.
+
+    A load_dir equal to save_dir or inside the run directory (the shipped default: both are the run's
+    `checkpoints/`) resumes when it holds a `latest` pointer and starts fresh otherwise; any other
+    load_dir is a checkpoint to start from, so it must hold one.
+    """
+    from mtp_plugin.train.checkpoint import LATEST
+
+    tr = training
+    if tr.load_dir:
+        load = Path(tr.load_dir)
+        inside_run = run_dir is not None and Path(run_dir).absolute() in load.absolute().parents
+        required = tr.load_dir != tr.save_dir and not inside_run
+        pointer = load / LATEST
+        if load.exists() and not load.is_dir():
+            raise NotADirectoryError(
+                f"training.load_dir={tr.load_dir} is a file; point it at a checkpoint directory"
+            )
+        if required and not load.is_dir():
+            raise FileNotFoundError(
+                f"training.load_dir={tr.load_dir} does not exist; point it at a save_dir that holds a `latest` "
+                "checkpoint, or set training.load_dir=null to start fresh"
+            )
+        if load.is_dir() and not pointer.is_file():
+            if (load / "metadata.json").is_file():
+                raise FileNotFoundError(
+                    f"training.load_dir={tr.load_dir} is one checkpoint; point it at the directory above it "
+                    f"(the one holding `{LATEST}`)"
+                )
+            if required:
+                raise FileNotFoundError(
+                    f"training.load_dir={tr.load_dir} holds no checkpoint ({pointer} does not exist); point it "
+                    "at a save_dir of an earlier run, or set training.load_dir=null to start fresh"
+                )
+        if pointer.is_file():
+            try:
+                name = pointer.read_text().strip()
+            except UnicodeDecodeError:
+                name = ""
+            if not _CHECKPOINT_NAME.match(name):
+                raise ValueError(
+                    f"{pointer} does not name a checkpoint (expected one line like iter_0000020); write the "
+                    f"name of an existing iter_* directory into it, or remove it to start fresh"
+                )
+            check_checkpoint(load / name, pointer)
+    for field in ("save_dir", "tensorboard_dir"):
+        if getattr(tr, field):
+            check_writable(f"training.{field}", getattr(tr, field))
 
 
 def quiet_megatron() -> None:
@@ -152,16 +396,30 @@ def quiet_megatron() -> None:
         warnings.filterwarnings("ignore", message=pattern)
 
 
-def train_from_config(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[str, float]:
+def launch_experiment(cfg: DictConfig, output_dir: str | os.PathLike, *, scan_tokens: bool = True):
+    """Composed config -> validated ExperimentConfig with run paths resolved, and the notices to log."""
+    import torch
+
+    experiment = to_experiment(cfg)
+    resolve_run_paths(experiment, output_dir)
+    notices = validate_for_launch(
+        experiment,
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        cuda=torch.cuda.is_available(),
+        scan_tokens=scan_tokens,
+        run_dir=output_dir,
+    )
+    return experiment, notices
+
+
+def train_from_config(
+    cfg: DictConfig, output_dir: str | os.PathLike, *, scan_tokens: bool = True
+) -> dict[str, float]:
     """Validate, then train; returns the last validation metrics (Hydra keeps them per multirun job)."""
     import torch
 
     quiet_megatron()
-    experiment = to_experiment(cfg)
-    resolve_run_paths(experiment, output_dir)
-    validate_for_launch(
-        experiment, world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda=torch.cuda.is_available()
-    )
+    experiment, notices = launch_experiment(cfg, output_dir, scan_tokens=scan_tokens)
     # Megatron is imported only now, after every check that could reject the configuration.
     from mtp_plugin.train import logs
     from mtp_plugin.train.loop import run
@@ -171,6 +429,9 @@ def train_from_config(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[st
 
         enable_megatron_on_cpu()
     log = logs.RunLog(Path(output_dir) / logs.TRAIN_LOG_NAME)  # what it prints, also in <run dir>/train.log
+    if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:  # the logging rank
+        for notice in notices:
+            log(f" {notice}")
     result = run(experiment, print_fn=log)
     summary = dict(result.valid_history[-1]) if result.valid_history else {}
     if result.train_history:
@@ -180,24 +441,123 @@ def train_from_config(cfg: DictConfig, output_dir: str | os.PathLike) -> dict[st
     return summary
 
 
+# Flags after which Hydra prints something and exits without running the task (help, config, info).
+_NO_RUN_FLAGS = (
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--version",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--shell-completion",
+    "-sc",
+)
+# Flags that change which configuration is composed; preflight then leaves validation to the task.
+_OTHER_CONFIG_FLAGS = (
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+)
+
+
+def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override list of each job Hydra will run: one, or every combination of a --multirun sweep."""
+    if not multirun:
+        return [overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return list(itertools.chain.from_iterable(BasicSweeper.split_arguments(parsed, None)))
+
+
+def preflight(argv: list[str], config_dir: Path = CONFIG_DIR) -> tuple[bool, list[Path]]:
+    """Compose and validate every job of `argv` with Hydra's compose API, before `hydra.main` creates
+    any run directory, so that a rejected configuration leaves no empty `outputs/<date>/<time>/`.
+
+    Returns (whether every job was composed and validated here, the run directories the jobs will use
+    that do not exist yet). Help, --cfg and --info print without running; another config path or name
+    is left to the task's own validation.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import open_dict
+
+    flags = [a.split("=", 1)[0] for a in argv if a.startswith("-")]
+    if any(f in _NO_RUN_FLAGS for f in flags):
+        return False, []
+    overrides = [a for a in argv if not a.startswith("-")]
+    check_group_overrides(overrides, config_dir)
+    check_override_keys(overrides, config_dir)
+    if any(f in _OTHER_CONFIG_FLAGS for f in flags):
+        return False, []
+    multirun = "--multirun" in flags or "-m" in flags
+    check_experiment_overrides(overrides, config_dir)
+    register_configs()
+    new_dirs = []
+    try:
+        jobs = _jobs(overrides, multirun)
+        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="hydra_app"):
+            for num, job in enumerate(jobs):
+                cfg = compose(config_name=CONFIG_NAME, overrides=job, return_hydra_config=True)
+                hydra_cfg = cfg.hydra
+                if multirun:
+                    output_dir = Path(OmegaConf.select(hydra_cfg, "sweep.dir")) / str(num)
+                else:
+                    output_dir = Path(OmegaConf.select(hydra_cfg, "run.dir"))
+                with open_dict(cfg):
+                    del cfg["hydra"]
+                launch_experiment(cfg, output_dir.absolute())
+                if not output_dir.exists():
+                    new_dirs.append(output_dir.absolute())
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"error: {_one_line(err)}") from None
+    return True, new_dirs
+
+
+def _remove_if_unused(run_dir: Path) -> None:
+    """Remove a run directory this launch created if it holds only Hydra's own files (.hydra/, the
+    job log), then its parents up to the working directory while they are empty."""
+    if not run_dir.is_dir():
+        return
+    if any(p.name != ".hydra" and not (p.is_file() and p.suffix == ".log") for p in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cwd = Path.cwd().absolute()
+    parent = run_dir.parent
+    while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
+
+
 def main(argv: list[str] | None = None) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     argv = sys.argv[1:] if argv is None else argv
+    register_configs()
     try:
-        check_group_overrides(argv)
+        validated, new_dirs = preflight(argv)
     except ConfigError as err:
         print(err.message, file=sys.stderr)
         raise
-    register_configs()
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
     def _app(cfg: DictConfig) -> dict[str, float]:
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            return train_from_config(cfg, HydraConfig.get().runtime.output_dir)
+            # Validated already by preflight; the token scan of every .bin is not repeated.
+            return train_from_config(cfg, output_dir, scan_tokens=not validated)
         except ConfigError as err:
             print(err.message, file=sys.stderr)
+            if output_dir.absolute() in new_dirs:
+                _remove_if_unused(output_dir.absolute())
             raise
 
     sys.argv = [sys.argv[0], *argv]

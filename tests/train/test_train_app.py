@@ -163,7 +163,11 @@ def test_dataset_with_token_ids_beyond_the_vocabulary_is_rejected_before_launch(
     assert "set model.vocab_size" in message
     # The same data under a vocabulary that holds it passes every check.
     fits = _experiment(
-        f"data.train_prefix={prefix}", "data.valid_prefix=null", "model.vocab_size=1024", "data.eod_id=1023"
+        f"data.train_prefix={prefix}",
+        "data.valid_prefix=null",
+        "model.vocab_size=1024",
+        "data.eod_id=1023",
+        "model.seq_length=4",  # the 7 tokens hold one sample
     )
     validate_for_launch(fits, world_size=1, cuda=False)
 

@@ -1,0 +1,391 @@
+"""Bad input to `python -m mtp_plugin.train` is never silent (issue 10): each case below ends the app with
+exit status 2 and one stderr line naming the field or file, before any model exists, leaving nothing
+behind (no `outputs/<date>/<time>/`, no checkpoint directory).
+
+The cases run in-process through the app's `main(argv)` with the training loop replaced by a module
+whose `run` fails the test, from an empty working directory whose contents are compared before and
+after. Two runs go through the real loop: a run without a validation split, and `mtp.num_depths=0`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from train_tiny import EOD, TINY_MODEL_OVERRIDES, VOCAB, run_app, write_tiny_corpus
+
+from mtp_plugin.train import hydra_app
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[str, str]:
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+def _write(prefix: Path, docs: list[list[int]], vocab_size: int = VOCAB) -> str:
+    from mtp_plugin.data import write_indexed_dataset
+
+    write_indexed_dataset(prefix, docs, eod_id=EOD, vocab_size=vocab_size)
+    return str(prefix)
+
+
+# --------------------------------------------------------------- files the cases point at (under tmp)
+
+
+def _empty_pair(tmp: Path, train: str) -> None:
+    (tmp / "empty_text_document.bin").write_bytes(b"")
+    (tmp / "empty_text_document.idx").write_bytes(b"")
+
+
+def _empty_bin(tmp: Path, train: str) -> None:
+    shutil.copy(train + ".idx", tmp / "nobin_text_document.idx")
+    (tmp / "nobin_text_document.bin").write_bytes(b"")
+
+
+def _truncated_idx(tmp: Path, train: str) -> None:
+    shutil.copy(train + ".bin", tmp / "cut_text_document.bin")
+    data = Path(train + ".idx").read_bytes()
+    (tmp / "cut_text_document.idx").write_bytes(data[: len(data) // 2])
+
+
+def _garbage_idx(tmp: Path, train: str) -> None:
+    shutil.copy(train + ".bin", tmp / "junk_text_document.bin")
+    (tmp / "junk_text_document.idx").write_bytes(b"\x89PNG\r\n\x1a\n" * 16)
+
+
+def _mismatched_pair(tmp: Path, train: str) -> None:
+    _write(tmp / "small_text_document", [[1, 2, 3]] * 40)
+    shutil.copy(train + ".bin", tmp / "small_text_document.bin")
+
+
+def _wide_vocab(tmp: Path, train: str) -> None:
+    _write(tmp / "wide_text_document", [[5, 700, 9] * 20] * 4, vocab_size=1024)
+
+
+def _tiny_corpus(tmp: Path, train: str) -> None:
+    _write(tmp / "tiny_text_document", [[1, 2, 3, 4, 5, 6, 7, 8, 9]])
+
+
+def _three_docs(tmp: Path, train: str) -> None:
+    # ~240 tokens: Megatron's 969,30,1 split gives the valid split no document, and GPTDataset would
+    # loop forever in _get_num_epochs counting epochs of 0 tokens.
+    _write(tmp / "three_text_document", [list(range(1, 60)) + list(range(1, 20))] * 3)
+
+
+def _checkpoint(tmp: Path, *, latest: bytes = b"iter_0000002\n", metadata: bytes | None = None, common=True):
+    ckpt = tmp / "old_run" / "iter_0000002"
+    ckpt.mkdir(parents=True)
+    (tmp / "old_run" / "latest").write_bytes(latest)
+    if metadata is None:
+        metadata = json.dumps({"sharded_backend": "torch_dist", "common_backend": "torch"}).encode()
+    (ckpt / "metadata.json").write_bytes(metadata)
+    if common:
+        (ckpt / "common.pt").write_bytes(b"\0" * 64)
+
+
+def _no_latest(tmp: Path, train: str) -> None:
+    (tmp / "old_run").mkdir()
+
+
+def _one_checkpoint_dir(tmp: Path, train: str) -> None:
+    _checkpoint(tmp)
+
+
+def _garbage_latest(tmp: Path, train: str) -> None:
+    _checkpoint(tmp, latest=b"\xff\xfe\x00garbage")
+
+
+def _latest_names_nothing(tmp: Path, train: str) -> None:
+    _checkpoint(tmp, latest=b"iter_0000009\n")
+
+
+def _garbage_metadata(tmp: Path, train: str) -> None:
+    _checkpoint(tmp, metadata=b"\x80\x04\x95 not json at all")
+
+
+def _foreign_metadata(tmp: Path, train: str) -> None:
+    _checkpoint(tmp, metadata=b'{"format": "something else"}')
+
+
+def _no_common(tmp: Path, train: str) -> None:
+    _checkpoint(tmp, common=False)
+
+
+def _a_file(tmp: Path, train: str) -> None:
+    (tmp / "notes.txt").write_text("a file, not a directory\n")
+
+
+# (id, overrides, setup, the text the one error line must hold). {tmp}: the case's file folder;
+# {train}/{valid}: the tiny corpus.
+CASES = [
+    # -- keys and values the schema does not have
+    ("plus-unknown-key", ["+training.foo=1"], None, "training.foo is not a setting: TrainingConfig"),
+    ("unknown-key", ["training.foo=1"], None, "training.foo is not a setting: TrainingConfig"),
+    ("unknown-top-level-key", ["+foo=1"], None, "foo is not a setting: ExperimentConfig"),
+    ("typo-suggests-field", ["model.num_layrs=3"], None, "did you mean model.num_layers?"),
+    ("unknown-nested-key", ["++mtp.lambda_schedule.bar=1"], None, "mtp.lambda_schedule.bar is not a setting"),
+    ("wrong-type", ["model.num_layers=abc"], None, "model.num_layers=abc: Value 'abc'"),
+    ("unknown-group-option", ["model=huge"], None, "model=huge is not a shipped option"),
+    ("unknown-experiment", ["experiment=nope"], None, "experiment=nope is not a shipped option"),
+    ("experiment-overrides-group", ["experiment=toy_demo", "mtp=off"], None, "experiment=toy_demo sets mtp."),
+    # -- values out of range, groups that do not fit
+    ("negative-lr", ["training.lr=-1"], None, "training.lr must be > 0"),
+    ("lr-decay-style", ["training.lr_decay_style=step"], None, "training.lr_decay_style='step'"),
+    ("batch-split", ["training.global_batch_size=6", "training.micro_batch_size=4"], None, "multiple of"),
+    ("eval-without-iters", ["training.eval_interval=5", "training.eval_iters=0"], None, "eval_iters >= 1"),
+    ("negative-save-interval", ["training.save_interval=-1"], None, "training.save_interval must be >= 0"),
+    ("seq-length-zero", ["model.seq_length=0"], None, "model.seq_length must be >= 1"),
+    ("heads-vs-hidden", ["model.num_attention_heads=3"], None, "model.hidden_size=32 must be divisible"),
+    ("topk-above-experts", ["model.moe_router_topk=8"], None, "model.moe_router_topk=8 must be in [1"),
+    (
+        "experts-vs-ep",
+        ["parallel.expert_model_parallel_size=3"],
+        None,
+        "model.num_experts=4 is not divisible",
+    ),
+    ("eod-outside-vocab", ["data.eod_id=600"], None, "data.eod_id=600 is outside the vocabulary"),
+    ("depths-vs-seq-length", ["mtp.num_depths=32"], None, "mtp.num_depths=32 must be below"),
+    ("depth-weights-sum", ["mtp.depth_weights=[0.5,0.2]"], None, "mtp.depth_weights must sum to 1"),
+    ("depth-weights-without-mtp", ["mtp=off", "mtp.depth_weights=[1.0]"], None, "with mtp.num_depths=0"),
+    ("lambda-kind", ["mtp.lambda_schedule.kind=exponential"], None, "mtp.lambda_schedule.kind='exponential'"),
+    (
+        "lambda-fields-ignored",
+        ["mtp.lambda_schedule.boundaries_tokens=[100]"],
+        None,
+        "kind='constant' ignores",
+    ),
+    ("layers-vs-stages", ["parallel=pp2", "model.num_layers=3"], None, "model.num_layers=3 cannot be split"),
+    (
+        "mtp-stage-out-of-range",
+        ["parallel=pp2", "mtp.placement=stage", "mtp.mtp_stage=5"],
+        None,
+        "mtp_stage=5",
+    ),
+    ("world-size", ["parallel=pp2"], None, "world size 1 is not divisible"),
+    ("clip-grad-on-cpu", ["training.clip_grad=1.0"], None, "set training.clip_grad=0 on CPU"),
+    ("bf16-on-cpu", ["backend.params_dtype=bfloat16"], None, "bfloat16 needs a GPU"),
+    ("bad-job-in-sweep", ["--multirun", "training.lr=1e-3,-1"], None, "training.lr must be > 0"),
+    # -- data
+    (
+        "missing-prefix",
+        ["data=indexed", "data.train_prefix=null", "data.valid_prefix=null"],
+        None,
+        "set data.prefix=",
+    ),
+    (
+        "missing-data",
+        ["data.train_prefix={tmp}/nothing_text_document"],
+        None,
+        "nothing_text_document.bin does not",
+    ),
+    (
+        "prefix-with-extension",
+        ["data.train_prefix={train}.bin"],
+        None,
+        "give the prefix without the extension",
+    ),
+    ("prefix-is-a-directory", ["data.train_prefix={tmp}"], None, "is a directory; give the prefix"),
+    (
+        "missing-valid-split",
+        ["data.valid_prefix={tmp}/v_text_document"],
+        None,
+        "data.valid_prefix=null trains",
+    ),
+    (
+        "empty-bin-and-idx",
+        ["data.train_prefix={tmp}/empty_text_document"],
+        _empty_pair,
+        "shorter than an index",
+    ),
+    (
+        "empty-bin",
+        ["data.train_prefix={tmp}/nobin_text_document"],
+        _empty_bin,
+        "nobin_text_document.bin is 0 bytes",
+    ),
+    ("truncated-idx", ["data.train_prefix={tmp}/cut_text_document"], _truncated_idx, "truncated or damaged"),
+    ("garbage-idx", ["data.train_prefix={tmp}/junk_text_document"], _garbage_idx, "is not a Megatron index"),
+    ("bin-idx-mismatch", ["data.train_prefix={tmp}/small_text_document"], _mismatched_pair, "does not match"),
+    (
+        "vocab-below-token-ids",
+        ["data.train_prefix={tmp}/wide_text_document"],
+        _wide_vocab,
+        "holds token id 700",
+    ),
+    (
+        "corpus-below-one-sample",
+        ["data.train_prefix={tmp}/tiny_text_document"],
+        _tiny_corpus,
+        "fewer than one",
+    ),
+    (
+        "split-without-valid-documents",
+        [
+            "data=indexed",
+            "data.prefix={tmp}/three_text_document",
+            "data.train_prefix=null",
+            "data.valid_prefix=null",
+        ],
+        _three_docs,
+        "the valid split holds 0 tokens (0 of 3 documents)",
+    ),
+    # -- checkpoints and output directories
+    ("load-dir-missing", ["training.load_dir={tmp}/old_run"], None, "old_run does not exist"),
+    ("load-dir-without-checkpoint", ["training.load_dir={tmp}/old_run"], _no_latest, "holds no checkpoint"),
+    (
+        "load-dir-is-one-checkpoint",
+        ["training.load_dir={tmp}/old_run/iter_0000002"],
+        _one_checkpoint_dir,
+        "is one",
+    ),
+    ("garbage-latest", ["training.load_dir={tmp}/old_run"], _garbage_latest, "does not name a checkpoint"),
+    (
+        "latest-names-nothing",
+        ["training.load_dir={tmp}/old_run"],
+        _latest_names_nothing,
+        "missing or unfinished",
+    ),
+    (
+        "garbage-metadata-json",
+        ["training.load_dir={tmp}/old_run"],
+        _garbage_metadata,
+        "metadata.json is not JSON",
+    ),
+    ("foreign-metadata-json", ["training.load_dir={tmp}/old_run"], _foreign_metadata, "no sharded_backend"),
+    ("checkpoint-without-common", ["training.load_dir={tmp}/old_run"], _no_common, "common.pt is missing"),
+    (
+        "unwritable-save-dir",
+        ["training.save_dir=/proc/mtp_ckpt", "training.load_dir=null"],
+        None,
+        "cannot write",
+    ),
+    (
+        "save-dir-under-a-file",
+        ["training.save_dir={tmp}/notes.txt/ckpt"],
+        _a_file,
+        "is a file, not a directory",
+    ),
+    (
+        "unwritable-tensorboard-dir",
+        ["training.tensorboard_dir=/proc/mtp_tb"],
+        None,
+        "training.tensorboard_dir",
+    ),
+]
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_there_are_at_least_25_distinct_bad_inputs():
+    assert len({case[0] for case in CASES}) == len(CASES) >= 25
+
+
+@pytest.mark.parametrize(("overrides", "setup", "needle"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_before_the_model_leaving_nothing(
+    overrides, setup, needle, corpus, tmp_path, monkeypatch, capsys
+):
+    train, valid = corpus
+    files = tmp_path / "files"
+    files.mkdir()
+    if setup:
+        setup(files, train)
+    argv = [
+        *TINY_MODEL_OVERRIDES,
+        f"data.train_prefix={train}",
+        f"data.valid_prefix={valid}",
+        "training.train_iters=2",
+        "training.lr_warmup_iters=0",
+        *(o.format(tmp=files, train=train, valid=valid) for o in overrides),
+    ]
+    work = tmp_path / "work"  # the launch directory: Hydra would put outputs/ here
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = _tree(tmp_path)
+    loop = types.ModuleType("mtp_plugin.train.loop")
+
+    def run(_experiment):
+        raise AssertionError("the configuration passed every check and the model was about to be built")
+
+    loop.run = run
+    monkeypatch.setitem(sys.modules, "mtp_plugin.train.loop", loop)
+
+    with pytest.raises(SystemExit) as exit_info:
+        hydra_app.main(argv)
+
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in err and "building the model" not in out
+    assert _tree(tmp_path) == before  # no outputs/<date>/<time>/, no checkpoints, no probe file
+
+
+def test_num_depths_zero_is_exactly_mtp_off():
+    from dataclasses import asdict
+
+    from hydra import compose, initialize_config_dir
+
+    hydra_app.register_configs()
+    with initialize_config_dir(config_dir=str(hydra_app.CONFIG_DIR), version_base="1.3"):
+        off = hydra_app.to_experiment(compose("config", overrides=["mtp=off"])).mtp
+        zero = hydra_app.to_experiment(
+            compose("config", overrides=["experiment=toy_demo", "mtp.num_depths=0"])
+        ).mtp
+    assert asdict(zero) == asdict(off)
+    assert (off.num_depths, off.lambda_schedule.kind, off.lambda_schedule.value) == (0, "constant", 0.0)
+
+
+def test_prepare_with_valid_fraction_zero_writes_no_valid_split(tmp_path):
+    pytest.importorskip("tokenizers")
+    from mtp_plugin.data import prepare_corpus
+
+    text = tmp_path / "one.txt"
+    text.write_text("A single short document, so there is nothing to hold out.\n" * 20)
+    lines: list[str] = []
+    manifest = prepare_corpus(tmp_path / "out", [text], valid_fraction=0, log=lines.append)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "manifest.json",
+        "train_text_document.bin",
+        "train_text_document.idx",
+    ]
+    assert set(manifest["splits"]) == {"train"}
+    assert any("data.valid_prefix=null" in line for line in lines)
+    # Re-running with the same inputs finds it up to date (the manifest names only the train split).
+    again: list[str] = []
+    prepare_corpus(tmp_path / "out", [text], valid_fraction=0, log=again.append)
+    assert again == [f"{tmp_path / 'out'}: up to date"]
+
+
+@pytest.mark.megatron
+def test_a_run_without_a_valid_split_trains_and_says_so(corpus, tmp_path):
+    """An empty valid split (what `prepare --valid-fraction 0` wrote before) turns evaluation off."""
+    train, _ = corpus
+    empty_valid = _write(tmp_path / "empty_valid_text_document", [])
+    proc = run_app(
+        *TINY_MODEL_OVERRIDES,
+        f"data.train_prefix={train}",
+        f"data.valid_prefix={empty_valid}",
+        "mtp.num_depths=0",
+        "training.train_iters=2",
+        "training.lr_warmup_iters=0",
+        "training.eval_interval=1",
+        "training.log_interval=1",
+        "training.progress_bar=off",
+        "training.save_dir=null",
+        "training.load_dir=null",
+        "training.tensorboard_dir=null",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"no validation: data.valid_prefix={empty_valid} holds no documents" in proc.stdout
+    assert "validation loss" not in proc.stdout
+    assert "finished 2 iterations" in proc.stdout
+    # mtp.num_depths=0 is mtp=off: λ is logged as the 0 it is, not the schedule of a disabled MTP.
+    assert "mtp lambda: 0.000000E+00" in proc.stdout and "mtp_1 loss" not in proc.stdout
