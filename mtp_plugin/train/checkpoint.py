@@ -3,7 +3,9 @@
 Layout under `save_dir`:
 
     iter_0000020/        a finished checkpoint (dist_checkpointing: model, optimizer, per-rank RNG,
-                         and in its common part the scheduler, data position, λ schedule, tokens)
+                         and in its common part the scheduler, data position, λ schedule, tokens, the
+                         rank layout); run_config.json beside them: the model, MTP and data settings a
+                         resume must match (checked before any model is built)
     iter_0000030.tmp/    a checkpoint being written; never read
     latest               the name of the newest finished checkpoint ("iter_0000020")
 
@@ -11,11 +13,13 @@ Every rank writes its shards into the `.tmp` directory; after a barrier rank 0 r
 name and then replaces `latest` through a temporary file and `os.replace`. Both are atomic renames on
 POSIX, so a process killed at any point leaves `latest` naming a complete checkpoint. A save that raises
 removes its `.tmp` before re-raising; one killed outright leaves it, and the next save removes every
-stale `iter_*.tmp` before it starts.
+stale `iter_*.tmp` before it starts. With `keep_last`, rank 0 then removes the oldest finished
+checkpoints beyond that many (never the one `latest` names).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -26,6 +30,56 @@ import numpy as np
 import torch
 
 LATEST = "latest"
+RUN_CONFIG = "run_config.json"
+# Settings a checkpoint is bound to. Parallel layout, lr schedule, intervals and paths may change on resume.
+RUN_CONFIG_GROUPS = ("model", "mtp", "data")
+RESUMABLE_DATA_FIELDS = ("cache_dir",)
+
+
+def run_config(cfg) -> dict[str, Any]:
+    """The model, MTP and data settings of an ExperimentConfig, as JSON values."""
+    from dataclasses import asdict
+
+    groups = {name: asdict(getattr(cfg, name)) for name in RUN_CONFIG_GROUPS}
+    for field in RESUMABLE_DATA_FIELDS:
+        groups["data"].pop(field, None)
+    return json.loads(json.dumps(groups))
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else key))
+        return out
+    return {prefix: value}
+
+
+def run_config_differences(path: str | os.PathLike, current: dict[str, Any]) -> list[str]:
+    """ "mtp.num_depths=2 vs 1" for each setting where checkpoint `path` and `current` differ ([] if none,
+    or if the checkpoint predates run_config.json)."""
+    stored_path = Path(path) / RUN_CONFIG
+    if not stored_path.is_file():
+        return []
+    try:
+        stored = json.loads(stored_path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"{stored_path} is unreadable ({err}); remove that checkpoint or fix the file"
+        ) from None
+    old, new = _flatten(stored, ""), _flatten(current, "")
+    return [
+        f"{key}={old.get(key, '(absent)')} vs {new.get(key, '(absent)')}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
+
+
+def saved_layout(path: str | os.PathLike) -> dict[str, int] | None:
+    """The rank layout checkpoint `path` was written with (None before layouts were stored)."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(path)).get("layout")
 
 
 def checkpoint_name(iteration: int) -> str:
@@ -119,11 +173,15 @@ def save_checkpoint(
     model,
     optimizer,
     common: dict[str, Any],
+    run_config: dict[str, Any] | None = None,
+    keep_last: int = 0,
 ) -> Path:
     """Write checkpoint `iteration` atomically on every rank; return its final path.
 
     model: the bare (not DDP-wrapped) Megatron module of this rank. common: plain picklable values,
     identical on all ranks (iteration, scheduler state, data position...), stored once by rank 0.
+    run_config: written as run_config.json (see `run_config`). keep_last: keep only the newest N
+    finished checkpoints (0: all).
     """
     from megatron.core import dist_checkpointing
 
@@ -150,6 +208,8 @@ def save_checkpoint(
         raise
     _barrier()
     if rank == 0:
+        if run_config is not None:
+            (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=1, sort_keys=True) + "\n")
         _fsync_dir(tmp)
         if final.exists():  # the same iteration saved again (e.g. after a resume): keep it until replaced
             stale = save_dir / (final.name + ".old")
@@ -165,18 +225,28 @@ def save_checkpoint(
             os.fsync(f.fileno())
         os.replace(pointer_tmp, save_dir / LATEST)
         _fsync_dir(save_dir)
+        if keep_last:
+            finished = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and p.suffix == "")
+            for old in finished[:-keep_last]:
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
 
 
-def load_checkpoint(path: str | os.PathLike, *, model, optimizer) -> dict[str, Any]:
-    """Load `path` into model, optimizer and this rank's RNG; return the common values saved with it."""
+def load_checkpoint(path: str | os.PathLike, *, model, optimizer, load_rng: bool = True) -> dict[str, Any]:
+    """Load `path` into model, optimizer and (with load_rng) this rank's RNG; return the common values
+    saved with it. dist_checkpointing reshards model and optimizer to this run's layout; the per-rank RNG
+    states cannot be, so a caller under another layout passes load_rng=False."""
     from megatron.core import dist_checkpointing
 
     common_keys = dist_checkpointing.load_common_state_dict(str(path))
     template = _sharded_state(model, optimizer, is_loading=True, common={})
+    if not load_rng:
+        del template["rng"]
     state = dist_checkpointing.load(template, str(path))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
+    if load_rng:
+        set_rng_state(state["rng"])
     return {k: v for k, v in common_keys.items() if k not in ("model", "optimizer", "rng")}

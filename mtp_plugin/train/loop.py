@@ -11,7 +11,14 @@ DDP reduces the gradients (`finalize_model_grads`), the Megatron optimizer steps
 `OptimizerParamScheduler` sets the next learning rate. The per-depth metrics are a `MTPMetrics` owned
 here and reduced across data-parallel ranks each step; the last rank logs them (Megatron-LM's
 `print_rank_last` convention). A non-finite loss at any depth on any rank stops every rank before the
-optimizer step, so neither the weights nor the last checkpoint see it.
+optimizer step, so neither the weights nor the last checkpoint see it; so does a non-finite grad norm
+(taken before Megatron's optimizer applies the update). `training.nonfinite=skip` counts such an iteration
+without updating instead.
+
+Exit codes of `run` (and so of `python -m mtp_plugin.train`): 0 trained (or nothing left to train); 2 a
+configuration or resume mismatch; EXIT_SIGNAL (3) one of `training.exit_signals` arrived: the iteration
+finished, a checkpoint was saved, rerun the same command to resume; EXIT_NONFINITE (4) a non-finite loss or
+grad norm stopped the run before its update; 128 + signal number: a second signal aborted without saving.
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -42,9 +51,51 @@ from mtp_plugin.train import checkpoint as ckpt
 from mtp_plugin.train import data as train_data
 from mtp_plugin.train import logs
 
+EXIT_SIGNAL = 3  # stopped by one of training.exit_signals after saving; rerun the same command to resume
+EXIT_NONFINITE = 4  # a non-finite loss or grad norm stopped the run before its update
+MAX_SKIPS_IN_A_ROW = 10  # training.nonfinite=skip gives up after this many non-finite iterations in a row
+
 
 class NonFiniteLossError(RuntimeError):
-    """A loss at some depth was NaN or Inf; raised on every rank, naming where it happened first."""
+    """A loss at some depth or the grad norm was NaN or Inf; raised on every rank, naming where."""
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint in training.load_dir was written with another model, MTP or data configuration."""
+
+
+class SignalAbort(SystemExit):
+    """A second exit signal: leave at once, without saving (exit status 128 + the signal's number)."""
+
+
+class ExitSignals:
+    """Megatron-LM's --exit-signal-handler: the first of `names` only sets `received`, the loop agrees on it
+    across ranks, saves and exits; a second one raises SignalAbort wherever the process is.
+
+    Signal handlers belong to the main thread; elsewhere (or with no names) this does nothing."""
+
+    def __init__(self, names: list[str], print_fn: Callable[[str], None]) -> None:
+        self.signums = [getattr(signal, name) for name in names]
+        self.received: int | None = None
+        self._print = print_fn
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            self._print(f" second {signal.Signals(signum).name}: aborting without saving")
+            raise SignalAbort(128 + signum)
+        self.received = signum
+
+    def __enter__(self) -> ExitSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signums:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
 
 # Cluster ρ fields carried into the log line and TensorBoard (the meter computes more; see docs/rho_meter.md).
@@ -61,6 +112,8 @@ class TrainResult:
     valid_history: list[dict[str, float]] = field(default_factory=list)
     rho_history: list[dict[str, float]] = field(default_factory=list)  # one entry per log interval
     last_checkpoint: str | None = None
+    stop_signal: str | None = None  # the exit signal that ended the run early (e.g. "SIGTERM")
+    skipped_iterations: int = 0  # non-finite iterations counted without an update (training.nonfinite=skip)
     plot_path: str | None = None
     wall_s: float = 0.0
     peak_memory_gib: float | None = None  # torch.cuda.max_memory_allocated; None on CPU
@@ -91,6 +144,8 @@ class Trainer:
         self.schedule = cfg.mtp.lambda_schedule.build()
         self.iteration = 0
         self.consumed_samples = 0
+        self.skips_in_a_row = 0
+        self.resume_from: Path | None = None  # the checkpoint setup() loads, if any
         self.result = TrainResult()
 
     # ------------------------------------------------------------------ setup
@@ -109,6 +164,18 @@ class Trainer:
 
         cfg, par, tr = self.cfg, self.cfg.parallel, self.cfg.training
         plan = check_supported(cfg.model, par, cfg.mtp)
+        self._broadcast_output_dirs()
+        # Before any model exists: a checkpoint of another model, MTP or data setup is refused in one line.
+        self.resume_from = ckpt.latest_checkpoint(tr.load_dir)
+        if self.resume_from is not None:
+            differences = ckpt.run_config_differences(self.resume_from, ckpt.run_config(cfg))
+            if differences:
+                raise ResumeMismatchError(
+                    f"error: {self.resume_from} was written with another configuration: "
+                    + "; ".join(differences)
+                    + " (checkpoint vs this run); resume with the checkpoint's values, or point "
+                    "training.load_dir elsewhere (null starts fresh)"
+                )
         sizes = f"tp {par.tensor_model_parallel_size}, pp {par.pipeline_model_parallel_size}, ep {par.expert_model_parallel_size}"
         logs.startup(
             self._print, self.is_logging_rank, f"initialising {self.world_size} process(es) ({sizes})"
@@ -191,6 +258,10 @@ class Trainer:
             end_wd=tr.weight_decay,
             wd_incr_steps=tr.train_iters,
             wd_incr_style="constant",
+            # A resume follows this run's lr settings (a longer train_iters re-derives the decay), not the
+            # checkpoint's, which Megatron's default would keep silently; _maybe_resume says what changed.
+            use_checkpoint_opt_param_scheduler=False,
+            override_opt_param_scheduler=True,
         )
         self.tf_config.no_sync_func = self.ddp.no_sync
         self.tf_config.finalize_model_grads_func = finalize_model_grads
@@ -216,7 +287,6 @@ class Trainer:
                 " optional kernels: "
                 + ", ".join(f"{k} {'yes' if v else 'no (torch fallback)'}" for k, v in found.items())
             )
-        self._broadcast_output_dirs()
         self._maybe_resume()
 
     def _broadcast_output_dirs(self) -> None:
@@ -227,18 +297,51 @@ class Trainer:
         torch.distributed.broadcast_object_list(paths, src=0)
         tr.save_dir, tr.load_dir, tr.tensorboard_dir = paths
 
+    def _layout(self) -> dict[str, int]:
+        par = self.cfg.parallel
+        return {
+            "world_size": self.world_size,
+            "tensor_model_parallel_size": par.tensor_model_parallel_size,
+            "pipeline_model_parallel_size": par.pipeline_model_parallel_size,
+            "expert_model_parallel_size": par.expert_model_parallel_size,
+        }
+
     def _maybe_resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.cfg.training.load_dir)
+        path = self.resume_from
         if path is None:
             return
-        common = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
+        saved_layout = ckpt.saved_layout(path)
+        # Per-rank RNG streams belong to the rank layout that drew them; under another layout (Megatron
+        # dist_checkpointing reshards model and optimizer) they are skipped, as Megatron-LM's --no-load-rng.
+        load_rng = saved_layout is None or saved_layout == self._layout()
+        common = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, load_rng=load_rng)
         self.scheduler.load_state_dict(common["scheduler"])
         self.iteration = int(common["iteration"])
         self.consumed_samples = int(common["consumed_samples"])
-        if self.is_logging_rank:
+        if not self.is_logging_rank:
+            return
+        self._print(
+            f" loaded checkpoint {path} at iteration {self.iteration} (consumed tokens {self.consumed_tokens})"
+        )
+        if not load_rng:
+            layout = ", ".join(f"{k} {saved_layout[k]} -> {v}" for k, v in self._layout().items())
+            self._print(f" parallel layout changed ({layout}): resharded; RNG states not loaded")
+        tr, saved = self.cfg.training, common["scheduler"]
+        changed = [
+            f"training.{name} {saved[key]} -> {now}"
+            for name, key, now in (
+                ("train_iters", "lr_decay_steps", tr.train_iters),
+                ("lr", "max_lr", tr.lr),
+                ("min_lr", "min_lr", tr.min_lr),
+                ("lr_warmup_iters", "lr_warmup_steps", tr.lr_warmup_iters),
+                ("lr_decay_style", "decay_style", tr.lr_decay_style),
+            )
+            if key in saved and saved[key] != now
+        ]
+        if changed:
             self._print(
-                f" loaded checkpoint {path} at iteration {self.iteration} "
-                f"(consumed tokens {self.consumed_tokens})"
+                f" lr schedule re-derived from this run's settings ({'; '.join(changed)}): lr "
+                f"{self.optimizer.param_groups[0]['lr']:.4g} at iteration {self.iteration + 1}"
             )
 
     @property
@@ -296,20 +399,65 @@ class Trainer:
         names = ["lm loss"] + [f"mtp_{k} loss" for k in range(1, self.cfg.mtp.num_depths + 1)]
         return [name for name, value in zip(names, sums) if not math.isfinite(value)]
 
-    def _check_finite(self, metrics, what: str) -> None:
+    def _nonfinite_losses(self, metrics) -> str:
+        """ "rank 0: mtp_2 loss; ..." naming every rank's non-finite losses this step, or "" (all ranks)."""
         bad = self._local_nonfinite(metrics)
         # On the run's device: NCCL has no CPU backend ("No backend type associated with device type cpu").
         flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() == 0:
-            return
+            return ""
         reports: list[list[str] | None] = [None] * self.world_size
         torch.distributed.all_gather_object(reports, bad)
-        where = "; ".join(f"rank {r}: {', '.join(names)}" for r, names in enumerate(reports) if names)
-        raise NonFiniteLossError(
-            f"non-finite loss at iteration {self.iteration + 1} ({what}) — {where}; the step was not applied "
-            f"and the last checkpoint is untouched; lower training.lr or resume from training.load_dir"
-        )
+        return "; ".join(f"rank {r}: {', '.join(names)}" for r, names in enumerate(reports) if names)
+
+    def _last_checkpoint_note(self) -> str:
+        save_dir = self.cfg.training.save_dir
+        if not save_dir:
+            return "no checkpoint is written (training.save_dir=null)"
+        try:
+            path = ckpt.latest_checkpoint(save_dir)
+        except FileNotFoundError:
+            path = None
+        if path is None:
+            return f"no checkpoint was written yet in {save_dir}"
+        return f"the last checkpoint {path.name} is untouched (rerun to resume from it)"
+
+    def _check_finite(self, metrics, what: str) -> None:
+        where = self._nonfinite_losses(metrics)
+        if where:
+            raise NonFiniteLossError(
+                f"iteration {self.iteration}: non-finite {what} loss ({where}); nothing was saved; "
+                f"{self._last_checkpoint_note()}; lower training.lr"
+            )
+
+    def _nonfinite_step(self, where: str, grad_norm: float, lam: float) -> dict[str, float]:
+        """The update is not applied: stop (raise) or, with training.nonfinite=skip, count the iteration."""
+        tr = self.cfg.training
+        what = f"non-finite loss ({where}), grad norm {grad_norm}" if where else f"grad norm {grad_norm}"
+        self.skips_in_a_row += 1
+        if tr.nonfinite == "stop" or self.skips_in_a_row >= MAX_SKIPS_IN_A_ROW:
+            why = "" if tr.nonfinite == "stop" else f" ({self.skips_in_a_row} skipped in a row)"
+            raise NonFiniteLossError(
+                f"iteration {self.iteration + 1}: {what}{why}; the update was not applied and nothing was "
+                f"saved; {self._last_checkpoint_note()}; lower training.lr or set training.clip_grad"
+                + (
+                    ", or training.nonfinite=skip to step over such iterations"
+                    if tr.nonfinite == "stop"
+                    else ""
+                )
+            )
+        # As Megatron-LM's skipped iterations: the data is consumed, the lr schedule does not advance.
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.iteration += 1
+        self.consumed_samples += tr.global_batch_size
+        self.result.skipped_iterations += 1
+        if self.is_logging_rank:
+            self._print(
+                f" iteration {self.iteration}: {what}; update skipped (training.nonfinite=skip, "
+                f"{self.skips_in_a_row} in a row)"
+            )
+        return {"mtp lambda": lam, "learning rate": lr, "grad norm": grad_norm, "skipped": 1.0}
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns the step's reduced metrics on last-stage ranks (else {})."""
@@ -319,12 +467,21 @@ class Trainer:
         self.optimizer.zero_grad()
         self.metrics.reset()
         self._forward_backward(self.train_ds, self.metrics, self.consumed_samples, lam, forward_only=False)
-        self._check_finite(self.metrics, "training")
+        where = self._nonfinite_losses(self.metrics)
+        # Megatron's optimizer.step() computes the grad norm and applies the update in one call, so the norm
+        # is taken first, as step() takes it: prepare_grads() copies the reduced grads into the optimizer's
+        # main grads (only a copy without a loss scaler, which fp32 and bf16 runs do not have, so step()
+        # doing it again is harmless); get_grad_norm() reduces over the model-parallel ranks (and the data-
+        # parallel ones under the distributed optimizer): every rank gets the same value.
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
         self.rho_meter.end_step()
+        if where or not math.isfinite(grad_norm):
+            return self._nonfinite_step(where, grad_norm, lam)
+        self.skips_in_a_row = 0
         self.window_metrics.merge(self.metrics)
-        _, grad_norm, _ = self.optimizer.step()
-        if grad_norm is None:  # no clipping configured: the norm is still worth logging
-            grad_norm = self.optimizer.get_grad_norm()
+        update_successful, _, _ = self.optimizer.step()
+        assert update_successful, "Megatron's optimizer skipped a step with a finite grad norm"
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(increment=1)
         self.iteration += 1
@@ -360,7 +517,10 @@ class Trainer:
                 "lambda_schedule": schedule_state_dict(self.schedule),
                 "lambda": self.schedule(self.consumed_tokens),
                 "config": asdict(self.cfg),
+                "layout": self._layout(),
             },
+            run_config=ckpt.run_config(self.cfg),
+            keep_last=self.cfg.training.keep_last_checkpoints,
         )
         self.result.last_checkpoint = str(path)
         if self.is_logging_rank:
@@ -384,13 +544,27 @@ class Trainer:
             leave=False,
         )
 
+    def _agreed_signal(self, signals: ExitSignals) -> int:
+        """The exit signal any rank received (0: none), agreed by one all-reduce on the run's device, as
+        Megatron-LM's DistributedSignalHandler does each iteration."""
+        flag = torch.tensor([float(signals.received or 0)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return int(flag.item())
+
     def train(self, *, stop_at: int | None = None) -> TrainResult:
         """Train to `training.train_iters`, or stop after iteration `stop_at` (saving there if a
-        save_dir is set), e.g. to end within a job's time limit and resume in the next job."""
+        save_dir is set), e.g. to end within a job's time limit and resume in the next job. One of
+        `training.exit_signals` ends the run after its current iteration the same way and sets
+        `result.stop_signal`."""
         tr = self.cfg.training
         end = tr.train_iters if stop_at is None else min(stop_at, tr.train_iters)
         first_iteration = self.iteration
         metric_names = logs.metric_names(self.cfg.mtp.num_depths)
+        if self.iteration >= tr.train_iters and self.is_logging_rank:
+            self._print(
+                f" nothing to train: {self.resume_from} is at iteration {self.iteration} of "
+                f"training.train_iters={tr.train_iters}; nothing was saved (raise training.train_iters to go on)"
+            )
         writer = logs.ScalarWriter(tr.tensorboard_dir if self.is_logging_rank else None)
         logs.startup(
             self._print, self.is_logging_rank, f"starting training at iteration {self.iteration} of {end}"
@@ -400,57 +574,65 @@ class Trainer:
         interval: list[dict[str, float]] = []
         interval_start = time.perf_counter()
         last_eval = last_save = -1
+        stop_signal = 0
         try:
-            while self.iteration < end:
-                step = self.train_step()
-                interval.append(step)
-                if self.is_logging_rank:
-                    self.result.train_history.append({"iteration": float(self.iteration), **step})
-                    writer.add(
-                        {
-                            k: step[k]
-                            for k in (*metric_names, "mtp lambda", "learning rate", "grad norm")
-                            if k in step
-                        },
-                        self.iteration,
-                    )
-                if bar is not None:
-                    bar.update(1)
-                    if "lm loss" in step:
-                        bar.set_postfix_str(f"lm loss {step['lm loss']:.3f}")
-                if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
-                    elapsed = time.perf_counter() - interval_start
-                    # Every rank joins the meter's one all-reduce; only the logging rank prints.
-                    rho = self.rho_meter.reduce(metrics=self.window_metrics, elapsed_s=elapsed)
-                    self.rho_meter.reset()
-                    self.window_metrics.reset()
-                    if self.is_logging_rank:
-                        rho_fields = {k: rho[k] for k in RHO_LOG_FIELDS if k in rho}
-                        writer.add(rho_fields, self.iteration)
-                        self.result.rho_history.append({"iteration": float(self.iteration), **rho})
-                    else:
-                        rho_fields = {}
-                    self._log_interval(interval, elapsed, metric_names, bar, rho_fields)
-                    interval, interval_start = [], time.perf_counter()
-                if tr.eval_interval and self.iteration % tr.eval_interval == 0:
-                    self._run_eval(writer, bar)
-                    last_eval = self.iteration
-                if tr.save_interval and self.iteration % tr.save_interval == 0:
-                    self.save()
-                    last_save = self.iteration
-                if tr.exit_interval and self.iteration % tr.exit_interval == 0 and self.iteration < end:
-                    if self.is_logging_rank:
-                        self._emit(
-                            f" exiting at iteration {self.iteration} (training.exit_interval="
-                            f"{tr.exit_interval}); run the same command without it to resume",
-                            bar,
+            with ExitSignals(tr.exit_signals, self._print) as signals:
+                while self.iteration < end:
+                    stop_signal = self._agreed_signal(signals)
+                    if stop_signal:
+                        break
+                    step = self.train_step()
+                    if not step.get("skipped"):
+                        interval.append(step)
+                    if self.is_logging_rank and not step.get("skipped"):
+                        self.result.train_history.append({"iteration": float(self.iteration), **step})
+                        writer.add(
+                            {
+                                k: step[k]
+                                for k in (*metric_names, "mtp lambda", "learning rate", "grad norm")
+                                if k in step
+                            },
+                            self.iteration,
                         )
-                    break
-            if tr.eval_interval and last_eval != self.iteration and self.iteration == tr.train_iters:
-                self._run_eval(writer, bar)
-            # A resume with nothing left to train must not rewrite the checkpoint it loaded.
-            if tr.save_dir and last_save != self.iteration and self.iteration > first_iteration:
-                self.save()
+                    if bar is not None:
+                        bar.update(1)
+                        if "lm loss" in step:
+                            bar.set_postfix_str(f"lm loss {step['lm loss']:.3f}")
+                    if self.iteration % tr.log_interval == 0 or self.iteration == tr.train_iters:
+                        elapsed = time.perf_counter() - interval_start
+                        # Every rank joins the meter's one all-reduce; only the logging rank prints.
+                        rho = self.rho_meter.reduce(metrics=self.window_metrics, elapsed_s=elapsed)
+                        self.rho_meter.reset()
+                        self.window_metrics.reset()
+                        if self.is_logging_rank:
+                            rho_fields = {k: rho[k] for k in RHO_LOG_FIELDS if k in rho}
+                            writer.add(rho_fields, self.iteration)
+                            self.result.rho_history.append({"iteration": float(self.iteration), **rho})
+                        else:
+                            rho_fields = {}
+                        self._log_interval(interval, elapsed, metric_names, bar, rho_fields)
+                        interval, interval_start = [], time.perf_counter()
+                    if tr.eval_interval and self.iteration % tr.eval_interval == 0:
+                        self._run_eval(writer, bar)
+                        last_eval = self.iteration
+                    if tr.save_interval and self.iteration % tr.save_interval == 0:
+                        self.save()
+                        last_save = self.iteration
+                    if tr.exit_interval and self.iteration % tr.exit_interval == 0 and self.iteration < end:
+                        if self.is_logging_rank:
+                            self._emit(
+                                f" exiting at iteration {self.iteration} (training.exit_interval="
+                                f"{tr.exit_interval}); run the same command without it to resume",
+                                bar,
+                            )
+                        break
+                if tr.eval_interval and last_eval != self.iteration and self.iteration == tr.train_iters:
+                    self._run_eval(writer, bar)
+                # A resume with nothing left to train must not rewrite the checkpoint it loaded.
+                if tr.save_dir and last_save != self.iteration and self.iteration > first_iteration:
+                    self.save()
+                if stop_signal:
+                    self._report_signal(stop_signal, bar)
         finally:
             if bar is not None:
                 bar.close()
@@ -474,6 +656,23 @@ class Trainer:
             self.result.plot_path = str(path)
             self._print(f" wrote per-depth loss curves to {path}")
         return self.result
+
+    def _report_signal(self, signum: int, bar) -> None:
+        name = signal.Signals(signum).name
+        self.result.stop_signal = name
+        if not self.is_logging_rank:
+            return
+        if not self.cfg.training.save_dir:
+            where = "no checkpoint saved (training.save_dir=null)"
+        elif self.result.last_checkpoint is None:
+            where = f"nothing trained since {self.resume_from or 'the start'}; nothing saved"
+        else:
+            where = f"checkpoint {self.result.last_checkpoint}"
+        self._emit(
+            f" {name} received: stopped after iteration {self.iteration}; {where}; exit code {EXIT_SIGNAL} "
+            "(rerun the same command to resume)",
+            bar,
+        )
 
     def _emit(self, line: str, bar) -> None:
         if bar is not None:
@@ -566,8 +765,22 @@ def run(cfg: ExperimentConfig, *, print_fn: Callable[[str], None] | None = None)
     trainer = Trainer(cfg, print_fn=print_fn)
     try:
         trainer.setup()
-        return trainer.train()
+        result = trainer.train()
+    except ResumeMismatchError as err:
+        _error_line(trainer, str(err))
+        raise SystemExit(2) from None
+    except NonFiniteLossError as err:
+        _error_line(trainer, f"error: {err}")
+        raise SystemExit(EXIT_NONFINITE) from None
     finally:
         trainer.close()
         if created:
             torch.distributed.destroy_process_group()
+    if result.stop_signal:
+        raise SystemExit(EXIT_SIGNAL)
+    return result
+
+
+def _error_line(trainer: Trainer, line: str) -> None:
+    if trainer.is_logging_rank:
+        print(line, file=sys.stderr, flush=True)
