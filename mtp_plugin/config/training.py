@@ -9,6 +9,7 @@ entry point calls before it initialises torch.distributed.
 from __future__ import annotations
 
 import os
+import signal
 from dataclasses import dataclass, field
 
 from mtp_plugin.config.model import ModelConfig
@@ -42,6 +43,13 @@ class TrainingConfig:
     progress_bar: "auto" (a tqdm bar when stdout is a terminal), "on", or "off".
     peak_tflops_per_device: the accelerator's peak (e.g. 989 for an H100's dense bf16) for MFU in the log
       line; 0 leaves MFU out.
+    nonfinite: what a NaN/Inf loss (any depth) or grad norm does; the update is never applied either way.
+      "stop": end the run (exit code 4) with the last checkpoint untouched (Megatron-LM's
+      --check-for-nan-in-loss-and-grad); "skip": count the iteration without updating (as Megatron-LM's
+      loss scaler skips overflowing steps), stopping after 10 skips in a row.
+    exit_signals: signals that make the run finish its iteration, save, and exit with code 3 (rerun the same
+      command to resume); a second one aborts at once (Megatron-LM's --exit-signal-handler). []: none.
+    keep_last_checkpoints: keep only the newest N finished checkpoints under save_dir; 0 keeps all.
     """
 
     train_iters: int = 100
@@ -67,6 +75,9 @@ class TrainingConfig:
     tensorboard_dir: str | None = None
     progress_bar: str = "auto"
     peak_tflops_per_device: float = 0.0
+    nonfinite: str = "stop"
+    exit_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    keep_last_checkpoints: int = 0
 
     def __post_init__(self) -> None:
         for name in ("train_iters", "global_batch_size", "micro_batch_size", "log_interval"):
@@ -101,6 +112,21 @@ class TrainingConfig:
             raise ValueError("training.save_interval > 0 needs training.save_dir (or save_interval=0)")
         if self.progress_bar not in ("auto", "on", "off"):
             raise ValueError(f"training.progress_bar={self.progress_bar!r}; use auto, on or off")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"training.nonfinite={self.nonfinite!r}; use stop or skip")
+        unknown = [
+            name
+            for name in self.exit_signals
+            if not isinstance(getattr(signal, str(name), None), signal.Signals)
+        ]
+        if unknown:
+            raise ValueError(
+                f"training.exit_signals: unknown signal(s) {unknown}; use names like SIGTERM, SIGUSR1"
+            )
+        if self.keep_last_checkpoints < 0:
+            raise ValueError(
+                f"training.keep_last_checkpoints must be >= 0 (0 keeps all), got {self.keep_last_checkpoints}"
+            )
 
     def num_micro_batches(self, data_parallel_size: int) -> int:
         per_step = self.micro_batch_size * data_parallel_size
@@ -180,6 +206,7 @@ class DataConfig:
                 raise FileNotFoundError(
                     f"data.{name}={prefix}: give the prefix without the extension, data.{name}={prefix[:-4]}"
                 )
+            # GPTDataset keeps its index caches in <prefix>/cache: a directory beside a real .bin is fine.
             if os.path.isdir(prefix) and not os.path.isfile(prefix + ".bin"):
                 raise FileNotFoundError(
                     f"data.{name}={prefix} is a directory; give the prefix of its files, e.g. "
