@@ -151,6 +151,11 @@ def build_datasets(
         path_to_cache=data.cache_dir,
         **split_kwargs,
     )
+    if data.prefix:
+        # The test split is never read; left in, an empty one (a small corpus, the default 969,30,1)
+        # makes GPTDataset count epochs of 0 tokens forever (gpt_dataset._get_num_epochs). Train and
+        # valid keep the bookends `split` gives them.
+        config.split_matrix = [*config.split_matrix[:2], None]
     train, valid, _ = BlendedMegatronDatasetBuilder(
         GPTDataset, [num_train, num_valid, 0], lambda: True, config
     ).build()

@@ -389,3 +389,54 @@ def test_a_run_without_a_valid_split_trains_and_says_so(corpus, tmp_path):
     assert "finished 2 iterations" in proc.stdout
     # mtp.num_depths=0 is mtp=off: λ is logged as the 0 it is, not the schedule of a disabled MTP.
     assert "mtp lambda: 0.000000E+00" in proc.stdout and "mtp_1 loss" not in proc.stdout
+
+
+@pytest.mark.megatron
+@pytest.mark.timeout(120)
+def test_default_split_of_a_small_corpus_builds(tmp_path):
+    """60 documents under 969,30,1 leave the test split empty; Megatron's GPTDataset used to loop
+    forever counting its epochs. The test split is never read, so it is not built."""
+    from mtp_plugin.config import DataConfig, ModelConfig, TrainingConfig
+    from mtp_plugin.train.data import build_datasets, check_datasets
+
+    train, _ = write_tiny_corpus(tmp_path, num_docs=60)
+    data = DataConfig(prefix=train, split="969,30,1", eod_id=EOD, cache_dir=str(tmp_path / "cache"))
+    model = ModelConfig(
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        ffn_hidden_size=64,
+        seq_length=32,
+        vocab_size=VOCAB,
+    )
+    assert check_datasets(data, model) == []
+    training = TrainingConfig(train_iters=2, global_batch_size=4, micro_batch_size=2, lr_warmup_iters=0)
+    train_ds, valid_ds = build_datasets(data, model, training, seed=1)
+    assert len(train_ds) >= 8 and len(valid_ds) >= 4
+
+
+def test_the_real_process_exits_2_with_one_line_and_no_run_directory(corpus, tmp_path):
+    """The same through `python -m mtp_plugin.train` from an empty launch directory: the exit status
+    the shell sees, and no outputs/<date>/<time>/ (Hydra's default run directory) afterwards."""
+    import os
+    import subprocess
+
+    from train_tiny import REPO
+
+    train, valid = corpus
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtp_plugin.train", f"data.train_prefix={train}", "+training.foo=1"],
+        cwd=tmp_path,
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        proc.stderr.strip().splitlines()[0]
+    ] and proc.stderr.startswith("error: training.foo is not a setting"), proc.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []
