@@ -51,23 +51,26 @@ def check_datasets(data: DataConfig, model: ModelConfig, *, scan_tokens: bool = 
     ValueError (one line naming the field and the file) if a `.bin`/`.idx` pair is empty, truncated or
     inconsistent, if a split that will be read cannot fill one sample of `model.seq_length + 1` tokens
     (Megatron's GPTDataset would loop forever counting epochs of an empty split), or if a token id
-    exceeds `model.vocab_size` (scan_tokens=False skips that pass over each `.bin`). An empty `data.valid_prefix` is not an error: validation is turned
-    off (`data.valid_prefix` becomes None) and a notice says so.
+    exceeds `model.vocab_size` (scan_tokens=False skips that pass over each `.bin`). An empty
+    `data.valid_prefix` is not an error: validation is turned off (`data.valid_prefix` becomes None)
+    and a notice says so.
     """
     from mtp_plugin.data.indexed import read_index
 
-    if scan_tokens:  # first: a corpus of the wrong tokenizer is the more telling finding
+    indexes = {}
+    for name in ("prefix", "train_prefix", "valid_prefix"):
+        prefix = getattr(data, name)
+        if prefix:
+            try:
+                indexes[name], _ = read_index(prefix)
+            except ValueError as err:
+                raise ValueError(f"data.{name}={prefix}: {err}") from None
+    if scan_tokens:  # before the sizes: a corpus of another tokenizer is the more telling finding
         check_token_range(data, model)
     need = model.seq_length + 1  # GPTDataset reads one extra token per sample for the shifted labels
     notices: list[str] = []
-    for name in ("prefix", "train_prefix", "valid_prefix"):
+    for name, lengths in indexes.items():
         prefix = getattr(data, name)
-        if not prefix:
-            continue
-        try:
-            lengths, _ = read_index(prefix)
-        except ValueError as err:
-            raise ValueError(f"data.{name}={prefix}: {err}") from None
         if name == "valid_prefix" and not lengths.sum():
             data.valid_prefix = None
             notices.append(

@@ -132,8 +132,8 @@ def check_override_keys(overrides: list[str], config_dir: Path = CONFIG_DIR) -> 
         if "=" not in arg:
             continue
         key = arg.split("=", 1)[0].lstrip("+~")
-        if key.startswith("hydra.") or key == "hydra" or (key in groups and "." not in key):
-            continue  # Hydra's own settings, or a group choice (checked by check_group_overrides)
+        if key.split(".")[0].split("/")[0] == "hydra" or "/" in key or (key in groups and "." not in key):
+            continue  # Hydra's own settings (hydra.run.dir, hydra/launcher=...) or a group choice
         if key.split("@", 1)[0] != key:
             raise ConfigError(
                 f"error: {arg}: package overrides (@) are not supported; set fields with key=value"

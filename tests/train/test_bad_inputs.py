@@ -323,6 +323,9 @@ def test_bad_input_is_one_line_exit_2_before_the_model_leaving_nothing(
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert needle in lines[0], lines[0]
+    if any(o.startswith(("data.prefix={", "data.train_prefix={", "data.valid_prefix={")) for o in overrides):
+        # A damaged or unusable dataset is named by its field as well as its file.
+        assert lines[0].startswith("error: data."), lines[0]
     assert "Traceback" not in err and "building the model" not in out
     assert _tree(tmp_path) == before  # no outputs/<date>/<time>/, no checkpoints, no probe file
 
