@@ -326,7 +326,8 @@ def check_checkpoint(path: Path, pointer: Path) -> None:
             f"is damaged: point {pointer} at another iter_* directory"
         )
     common = path / "common.pt"
-    if not common.is_file() or common.stat().st_size == 0:
+    # megatron-core >= 0.19 keeps the common state inside the torch_dist files (no "common_backend").
+    if "common_backend" in config and (not common.is_file() or common.stat().st_size == 0):
         raise FileNotFoundError(
             f"{common} is missing or empty; the checkpoint is damaged: point {pointer} at another iter_* directory"
         )
@@ -556,8 +557,11 @@ def main(argv: list[str] | None = None) -> None:
             return train_from_config(cfg, output_dir, scan_tokens=not validated)
         except ConfigError as err:
             print(err.message, file=sys.stderr)
-            if output_dir.absolute() in new_dirs:
-                _remove_if_unused(output_dir.absolute())
+            run_dir, cwd = output_dir.absolute(), Path.cwd().absolute()
+            # Without preflight (another --config-name/--config-path) the directory's age is unknown; one
+            # holding only what Hydra just wrote is this launch's, unless it is the launch directory.
+            if run_dir in new_dirs or (not validated and run_dir != cwd and run_dir not in cwd.parents):
+                _remove_if_unused(run_dir)
             raise
 
     sys.argv = [sys.argv[0], *argv]

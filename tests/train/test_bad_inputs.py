@@ -169,6 +169,13 @@ CASES = [
     ("clip-grad-on-cpu", ["training.clip_grad=1.0"], None, "set training.clip_grad=0 on CPU"),
     ("bf16-on-cpu", ["backend.params_dtype=bfloat16"], None, "bfloat16 needs a GPU"),
     ("bad-job-in-sweep", ["--multirun", "training.lr=1e-3,-1"], None, "training.lr must be > 0"),
+    # --config-name skips the preflight: the task rejects it inside hydra.main and removes the run dir
+    (
+        "checked-inside-hydra-main",
+        ["--config-name=config", "training.lr=-1"],
+        None,
+        "training.lr must be > 0",
+    ),
     # -- data
     (
         "missing-prefix",
@@ -295,13 +302,15 @@ def test_bad_input_is_one_line_exit_2_before_the_model_leaving_nothing(
     files.mkdir()
     if setup:
         setup(files, train)
+    cases = [o.format(tmp=files, train=train, valid=valid) for o in overrides]
     argv = [
+        *(o for o in cases if o.startswith("-")),  # Hydra's flags before its overrides
         *TINY_MODEL_OVERRIDES,
         f"data.train_prefix={train}",
         f"data.valid_prefix={valid}",
         "training.train_iters=2",
         "training.lr_warmup_iters=0",
-        *(o.format(tmp=files, train=train, valid=valid) for o in overrides),
+        *(o for o in cases if not o.startswith("-")),
     ]
     work = tmp_path / "work"  # the launch directory: Hydra would put outputs/ here
     work.mkdir()
