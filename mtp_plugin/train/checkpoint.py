@@ -13,7 +13,11 @@ Every rank writes its shards into the `.tmp` directory; after a barrier rank 0 r
 name and then replaces `latest` through a temporary file and `os.replace`. Both are atomic renames on
 POSIX, so a process killed at any point leaves `latest` naming a complete checkpoint. A save that raises
 removes its `.tmp` before re-raising; one killed outright leaves it, and the next save removes every
-stale `iter_*.tmp` before it starts. With `keep_last`, rank 0 then removes the oldest finished
+stale `iter_*.tmp` before it starts.
+
+Shards are written in the saving thread (`SyncTorchDistSaveStrategy`): Megatron's default torch_dist writer
+starts a multiprocessing Manager (a spawned server and its resource_tracker) and, on 0.16, forked writer
+processes, which outlive a run killed with SIGKILL. The files are the same torch_dist format. With `keep_last`, rank 0 then removes the oldest finished
 checkpoints beyond that many (never the one `latest` names).
 """
 
@@ -100,6 +104,35 @@ def latest_checkpoint(directory: str | os.PathLike | None) -> Path | None:
             "iter_* directory or remove it to start fresh"
         )
     return path
+
+
+def sync_save_strategy():
+    """Megatron's torch_dist save strategy, written by torch.distributed.checkpoint in this thread."""
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    class SyncTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+        # What TorchDistSaveShardedStrategy.async_save prepares, handed to torch's synchronous save instead
+        # of Megatron's FileSystemWriterAsync: one writer thread, no Manager, no child process.
+        def save(self, sharded_state_dict, checkpoint_dir) -> None:
+            flat, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica
+            )
+            dcp_save(
+                mcore_to_pyt_state_dict(flat, False),
+                storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                planner=MCoreSavePlanner(
+                    dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False
+                ),
+            )
+
+    return SyncTorchDistSaveStrategy("torch_dist", 1)
 
 
 def _barrier() -> None:
@@ -199,7 +232,7 @@ def save_checkpoint(
     _barrier()
     try:
         state = _sharded_state(model, optimizer, is_loading=False, common={"iteration": iteration, **common})
-        dist_checkpointing.save(state, str(tmp))
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy())
     except BaseException:
         # `latest` still names the previous checkpoint; drop the partial one so no directory suggests a
         # checkpoint of this iteration exists. (Ranks that did not fail may still wait in a collective.)

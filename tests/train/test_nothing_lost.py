@@ -298,30 +298,47 @@ def test_app_sigterm_saves_exits_3_leaves_no_process_and_resume_checks_the_confi
         **os.environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
-    # save_interval=1: the signal lands while checkpoints are being written too.
+    # save_interval=1: the signals land while checkpoints are being written too.
     args = _app_args(train, valid, run_dir, "training.train_iters=50", "training.save_interval=1")
-    proc = subprocess.Popen(
-        args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        for line in proc.stdout:
-            if " saved checkpoint " in line and "iter_0000002" in line:
-                proc.send_signal(signal.SIGTERM)
-                break
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+
+    def run_until(checkpoint: str, signum: int) -> tuple[subprocess.Popen, str, str]:
+        proc = subprocess.Popen(
+            args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        seen = []
+        try:
+            for line in proc.stdout:
+                seen.append(line)
+                if " saved checkpoint " in line and checkpoint in line:
+                    proc.send_signal(signum)
+                    break
+            stdout, stderr = proc.communicate(timeout=120)
+            stdout = "".join(seen) + stdout
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(1)
+        return proc, stdout, stderr
+
+    # SIGKILL: nothing can run, but nothing the run started may outlive it (before: Megatron's writer
+    # Manager and its resource_tracker stayed), and `latest` names a finished checkpoint.
+    proc, _, _ = run_until("iter_0000001", signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    assert _process_group_members(proc.pid) == []
+    killed_at = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert (run_dir / "checkpoints" / killed_at / "metadata.json").is_file()
+    # SIGTERM (the same command resumes): finish the iteration, save, say where, exit 3.
+    proc, stdout, stderr = run_until("iter_0000003", signal.SIGTERM)
     assert proc.returncode == 3, stderr[-3000:]
+    assert f"loaded checkpoint {run_dir}/checkpoints/{killed_at}" in stdout
     (last,) = [line for line in stdout.splitlines() if "SIGTERM received" in line] or [stdout[-2000:]]
     stopped_at = int(last.split("stopped after iteration ")[1].split(";")[0])
-    assert stopped_at >= 2
+    assert stopped_at >= 3
     name = f"iter_{stopped_at:07d}"
     assert f"checkpoint {run_dir}/checkpoints/{name}; exit code 3" in last, last
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == name
     assert "Traceback" not in stderr
-    time.sleep(1)
     assert _process_group_members(proc.pid) == []  # no checkpoint writer, manager or resource tracker left
     # The checkpoint is a D = 2 run: resuming it with one depth is refused before any model is built.
     mismatch = run_app(*_app_args(train, valid, run_dir, "training.train_iters=50", "mtp.num_depths=1")[3:])
