@@ -5,6 +5,7 @@ the exit codes and messages go through `python -m mtp_plugin.train`."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -348,3 +349,20 @@ def test_app_sigterm_saves_exits_3_leaves_no_process_and_resume_checks_the_confi
     assert f"error: {run_dir}/checkpoints/{name} was written with another configuration: " in errors[0]
     assert "mtp.num_depths=2 vs 1 (checkpoint vs this run)" in errors[0]
     assert "building the model" not in mismatch.stdout and "Traceback" not in mismatch.stderr
+
+
+def test_resume_config_differences_name_each_field(tmp_path):
+    from mtp_plugin.train import checkpoint
+
+    saved = tiny_experiment("/data/train_text_document", None)
+    (tmp_path / checkpoint.RUN_CONFIG).write_text(json.dumps(checkpoint.run_config(saved)))
+    same = tiny_experiment("/data/train_text_document", None, pp=2, lr=1e-2, train_iters=60, log_interval=5)
+    same.data.cache_dir = "/elsewhere"  # layout, lr schedule, intervals and caches may change on resume
+    assert checkpoint.run_config_differences(tmp_path, checkpoint.run_config(same)) == []
+    other = tiny_experiment("/data/other_text_document", None)
+    other.mtp.num_depths, other.model.hidden_size = 1, 64
+    assert checkpoint.run_config_differences(tmp_path, checkpoint.run_config(other)) == [
+        "data.train_prefix=/data/train_text_document vs /data/other_text_document",
+        "model.hidden_size=32 vs 64",
+        "mtp.num_depths=2 vs 1",
+    ]
