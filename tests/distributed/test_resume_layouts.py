@@ -27,58 +27,36 @@ def _run(cfg, stop_at=None) -> dict:
     return {"start": start, "history": result.train_history, "lines": lines}
 
 
-def _pp2_worker(tmp: str, train_prefix: str, valid_prefix: str) -> dict:
+def _save_worker(tmp: str, train_prefix: str, valid_prefix: str, pp: int) -> dict:
+    """An uninterrupted 5-iteration run, and one saved at iteration 3, both with `pp` stages."""
     ckpt = str(Path(tmp) / "ckpt")
-    full = _run(tiny_experiment(train_prefix, valid_prefix, pp=2, train_iters=5))
-    _run(tiny_experiment(train_prefix, valid_prefix, pp=2, train_iters=5, save_dir=ckpt), stop_at=3)
+    full = _run(tiny_experiment(train_prefix, valid_prefix, pp=pp, train_iters=5))
+    _run(tiny_experiment(train_prefix, valid_prefix, pp=pp, train_iters=5, save_dir=ckpt), stop_at=3)
     return full
 
 
-def _pp1_worker(tmp: str, train_prefix: str, valid_prefix: str) -> dict:
+def _resume_worker(tmp: str, train_prefix: str, valid_prefix: str, pp: int) -> dict:
     ckpt = str(Path(tmp) / "ckpt")
-    return _run(tiny_experiment(train_prefix, valid_prefix, pp=1, train_iters=5, load_dir=ckpt))
+    return _run(tiny_experiment(train_prefix, valid_prefix, pp=pp, train_iters=5, load_dir=ckpt))
 
 
-def test_pp2_checkpoint_resumes_with_one_stage(tmp_path):
-    """Before: `Missing key in checkpoint state_dict: rng_state/shard_0_1`."""
+@pytest.mark.parametrize(("saved_pp", "pp"), [(2, 1), (1, 2)], ids=["pp2-to-pp1", "pp1-to-pp2"])
+def test_checkpoint_resumes_under_another_pipeline_layout(tmp_path, saved_pp, pp):
+    """Before: `Missing key in checkpoint state_dict: rng_state/shard_0_1` (pp2 -> pp1)."""
     train, valid = write_tiny_corpus(tmp_path / "data")
-    pp2 = run_distributed(_pp2_worker, 2, str(tmp_path), train, valid, timeout=240)[-1]
-    (pp1,) = run_distributed(_pp1_worker, 1, str(tmp_path), train, valid, timeout=240)
-    assert pp1["start"] == 3
-    notice = [line for line in pp1["lines"] if "parallel layout changed" in line]
+    args = (str(tmp_path), train, valid)
+    saved = run_distributed(_save_worker, saved_pp, *args, saved_pp, timeout=240)[-1]  # the last stage logs
+    resumed = run_distributed(_resume_worker, pp, *args, pp, timeout=240)[-1]
+    assert resumed["start"] == 3
+    notice = [line for line in resumed["lines"] if "parallel layout changed" in line]
     assert notice == [
-        " parallel layout changed (world_size 2 -> 1, tensor_model_parallel_size 1 -> 1, "
-        "pipeline_model_parallel_size 2 -> 1, expert_model_parallel_size 1 -> 1): resharded; RNG states not loaded"
+        f" parallel layout changed (world_size {saved_pp} -> {pp}, tensor_model_parallel_size 1 -> 1, "
+        f"pipeline_model_parallel_size {saved_pp} -> {pp}, expert_model_parallel_size 1 -> 1): resharded; "
+        "RNG states not loaded"
     ]
-    want = {int(h["iteration"]): h for h in pp2["history"]}
-    got = {int(h["iteration"]): h for h in pp1["history"]}
+    want = {int(h["iteration"]): h for h in saved["history"]}
+    got = {int(h["iteration"]): h for h in resumed["history"]}
     assert sorted(got) == [4, 5]
     for it, values in got.items():
-        for key in LOSS_KEYS:  # the same weights and optimizer state; one stage sums in another order
-            torch.testing.assert_close(values[key], want[it][key], rtol=1e-5, atol=1e-6, msg=f"{it} {key}")
-
-
-def _pp1_then_save_worker(tmp: str, train_prefix: str, valid_prefix: str) -> dict:
-    ckpt = str(Path(tmp) / "ckpt1")
-    full = _run(tiny_experiment(train_prefix, valid_prefix, pp=1, train_iters=5))
-    _run(tiny_experiment(train_prefix, valid_prefix, pp=1, train_iters=5, save_dir=ckpt), stop_at=3)
-    return full
-
-
-def _pp2_resume_worker(tmp: str, train_prefix: str, valid_prefix: str) -> dict:
-    ckpt = str(Path(tmp) / "ckpt1")
-    return _run(tiny_experiment(train_prefix, valid_prefix, pp=2, train_iters=5, load_dir=ckpt))
-
-
-def test_pp1_checkpoint_resumes_with_two_stages(tmp_path):
-    train, valid = write_tiny_corpus(tmp_path / "data")
-    (pp1,) = run_distributed(_pp1_then_save_worker, 1, str(tmp_path), train, valid, timeout=240)
-    pp2 = run_distributed(_pp2_resume_worker, 2, str(tmp_path), train, valid, timeout=240)[-1]
-    assert pp2["start"] == 3
-    assert any("pipeline_model_parallel_size 1 -> 2" in line for line in pp2["lines"]), pp2["lines"]
-    want = {int(h["iteration"]): h for h in pp1["history"]}
-    got = {int(h["iteration"]): h for h in pp2["history"]}
-    assert sorted(got) == [4, 5]
-    for it, values in got.items():
-        for key in LOSS_KEYS:
+        for key in LOSS_KEYS:  # the same weights and optimizer state; the stages sum in another order
             torch.testing.assert_close(values[key], want[it][key], rtol=1e-5, atol=1e-6, msg=f"{it} {key}")
