@@ -134,20 +134,11 @@ def test_app_stops_on_nonfinite_grad_norm_with_one_line_and_exit_code_4(tmp_path
     train, valid = write_tiny_corpus(tmp_path / "data")
     run_dir = tmp_path / "run"
     proc = run_app(
-        *TINY_MODEL_OVERRIDES,
-        f"data.train_prefix={train}",
-        f"data.valid_prefix={valid}",
-        "training.train_iters=5",
-        "training.global_batch_size=4",
-        "training.micro_batch_size=2",
-        "training.lr=1e6",
-        "training.min_lr=0",
-        "training.lr_warmup_iters=1",
-        "training.save_interval=1",
-        "training.eval_interval=0",
-        "training.progress_bar=off",
-        f"hydra.run.dir={run_dir}",
-    )
+        *_app_args(
+            train, valid, run_dir, "training.train_iters=5", "training.lr=1e6", "training.min_lr=0",
+            "training.save_interval=1",
+        )[3:]  # without `python -m mtp_plugin.train`
+    )  # fmt: skip
     assert proc.returncode == 4, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [
