@@ -21,6 +21,7 @@ from functools import partial
 import torch
 
 from mtp_plugin.megatron.lm_patch import BATCH_KEYS_V019
+from mtp_plugin.train.cpu import CpuStream
 
 if not hasattr(typing, "override"):  # Python 3.11: megatron.training imports the 3.12 decorator
     typing.override = lambda f: f
@@ -72,17 +73,9 @@ def native_forward_step(get_batch):
     return forward_step
 
 
-class _NoStream:
-    def wait_stream(self, stream) -> None:
-        pass
-
-    def wait_event(self, event) -> None:
-        pass
-
-
 def cpu_streams() -> None:
     """megatron.training's DDP wrapping opens a side CUDA stream; on CPU work is synchronous anyway."""
-    torch.cuda.Stream = lambda *args, **kwargs: _NoStream()
+    torch.cuda.Stream = lambda *args, **kwargs: CpuStream()
     torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
     # The rerun state machine snapshots the CUDA RNG every step; a CPU run has none to save.
     torch.cuda.get_rng_state = lambda device="cuda": torch.empty(0, dtype=torch.uint8)

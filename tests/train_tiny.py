@@ -56,13 +56,20 @@ TINY_MODEL_OVERRIDES = [
 ]
 
 
+def tiny_model_config(**overrides):
+    """The tiny corpus's model: 2 layers, hidden 32, 4 heads, sequence 32, VOCAB ids (dense unless overridden)."""
+    from mtp_plugin.config import ModelConfig
+
+    fields = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, seq_length=32)
+    return ModelConfig(**fields, vocab_size=VOCAB, **overrides)
+
+
 def tiny_experiment(train_prefix: str, valid_prefix: str | None, *, pp: int = 1, **training):
     """ExperimentConfig of a 2-layer MoE (first dense) with D=2 on the tiny corpus."""
     from mtp_plugin.config import (
         DataConfig,
         ExperimentConfig,
         LambdaScheduleConfig,
-        ModelConfig,
         MTPConfig,
         ParallelConfig,
         TrainingConfig,
@@ -82,13 +89,7 @@ def tiny_experiment(train_prefix: str, valid_prefix: str | None, *, pp: int = 1,
     defaults.update(training)
     return ExperimentConfig(
         name="tiny",
-        model=ModelConfig(
-            num_layers=2,
-            hidden_size=32,
-            num_attention_heads=4,
-            ffn_hidden_size=64,
-            seq_length=32,
-            vocab_size=VOCAB,
+        model=tiny_model_config(
             num_experts=4,
             moe_ffn_hidden_size=32,
             moe_shared_expert_size=32,

@@ -1,17 +1,16 @@
 """MTP inside a Megatron-Core GPTModel pipeline stage, through Megatron's own extension points.
 
 `MTPGPTModel` is a GPTModel subclass: the trunk, embedding, output layer, pipeline layout and the
-embedding group are Megatron's; the MTP depths are the plugin's core `MTPStack`, whose transformer
-block is built from the model's own layer spec (the last decoder layer's spec, so it is MoE when the
-trunk is MoE) and whose projection is a ColumnParallelLinear, as in Megatron's
-`transformer/multi_token_prediction.py`.
+embedding group are Megatron's, and so are the MTP layers' modules: GPTModel builds them from its
+`mtp_block_spec` (the trunk's last-layer spec, MoE when the trunk is), in Megatron's own construction
+order. The plugin then moves those modules into its core `MTPStack` and drops Megatron's
+`MultiTokenPredictionBlock`, so Megatron's MTP forward, its loss hook (`MTPLossAutoScaler`) and its
+process-global loss tracker are never used: the loss is returned to the caller's loss function.
 
 The config keeps `mtp_num_layers = D` so that Megatron's pipeline machinery treats the plugin's depths
 as MTP layers: the trunk's final norm sits on the stage of its last layer, a layout with `m` and `L`
-builds and communicates the (1 + D)-times longer hidden states, and the stages holding the MTP embedding
-copy join the embedding group whose gradients `finalize_model_grads` sums every step. We do not pass an
-`mtp_block_spec` to GPTModel, so Megatron's own MTP block, its loss hook (`MTPLossAutoScaler`) and its
-process-global loss tracker are never built or used: the loss is returned to the caller's loss function.
+builds and communicates the (1 + D)-times longer hidden states, and the MTP stage gets its embedding
+copy and joins the embedding group whose gradients `finalize_model_grads` sums every step.
 
 Post-process output (when labels are given): `(main_loss_bs, depth_loss_sums_d, depth_counts_d2)` with the
 per-token main loss [b, s] (unmasked, as GPTModel returns it), each depth's summed CE over its valid
@@ -270,9 +269,8 @@ class MTPGPTModel(GPTModel):
                     f"Megatron built {len(native_layers)} MTP layer(s) for mtp_num_layers={self.num_mtp_depths} "
                     "(mtp_use_repeated_layer?); the plugin needs one layer per depth"
                 )
-            del (
-                self.mtp
-            )  # its forward and loss hooks are replaced by the plugin's; its modules are kept below
+            # Megatron's block goes (its forward and loss are the plugin's now); its layers' modules stay.
+            del self.mtp
             self.mtp_stack = MTPStack([self._depth_from_native(layer) for layer in native_layers])
 
     def _depth_from_native(self, layer) -> MTPDepth:

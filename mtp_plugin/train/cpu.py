@@ -42,7 +42,7 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class _CpuStream:
+class CpuStream:
     """What `torch.cuda.current_stream()` returns on CPU: CPU ops are synchronous, waiting is a no-op."""
 
     def wait_event(self, event) -> None:
@@ -70,6 +70,6 @@ def enable_megatron_on_cpu() -> None:
         raise RuntimeError("enable_megatron_on_cpu() is for machines without CUDA; this one has a GPU")
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda device=None: None
-    torch.cuda.current_stream = lambda device=None: _CpuStream()
+    torch.cuda.current_stream = lambda device=None: CpuStream()
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()

@@ -16,7 +16,7 @@ import types
 from pathlib import Path
 
 import pytest
-from train_tiny import EOD, TINY_MODEL_OVERRIDES, VOCAB, run_app, write_tiny_corpus
+from train_tiny import EOD, TINY_MODEL_OVERRIDES, VOCAB, run_app, tiny_model_config, write_tiny_corpus
 
 from mtp_plugin.train import hydra_app
 
@@ -408,19 +408,12 @@ def test_a_run_without_a_valid_split_trains_and_says_so(corpus, tmp_path):
 def test_default_split_of_a_small_corpus_builds(tmp_path):
     """60 documents under 969,30,1 leave the test split empty; Megatron's GPTDataset used to loop
     forever counting its epochs. The test split is never read, so it is not built."""
-    from mtp_plugin.config import DataConfig, ModelConfig, TrainingConfig
+    from mtp_plugin.config import DataConfig, TrainingConfig
     from mtp_plugin.train.data import build_datasets, check_datasets
 
     train, _ = write_tiny_corpus(tmp_path, num_docs=60)
     data = DataConfig(prefix=train, split="969,30,1", eod_id=EOD, cache_dir=str(tmp_path / "cache"))
-    model = ModelConfig(
-        num_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_hidden_size=64,
-        seq_length=32,
-        vocab_size=VOCAB,
-    )
+    model = tiny_model_config()
     assert check_datasets(data, model) == []
     training = TrainingConfig(train_iters=2, global_batch_size=4, micro_batch_size=2, lr_warmup_iters=0)
     train_ds, valid_ds = build_datasets(data, model, training, seed=1)
