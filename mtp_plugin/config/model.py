@@ -14,6 +14,9 @@ class ModelConfig:
     `moe_shared_expert_size` worth of always-on shared expert width (0 = none).
     `vocab_size` is the tokenizer's; the embedding table is padded to `padded_vocab_size` as Megatron
     pads it (`make_vocab_size_divisible_by`).
+    `hidden_dropout` / `attention_dropout` default to 0.0, not Megatron-LM's 0.1: DeepSeek-V3 pretrains
+    without dropout (its Hugging Face config: attention_dropout 0.0). Set them for a run that wants it;
+    the checkpoints save every rank's RNG states, so a resume draws the same dropout masks.
     """
 
     num_layers: int = 4
@@ -34,6 +37,8 @@ class ModelConfig:
     untie_embeddings_and_output_weights: bool = True
     init_method_std: float = 0.02
     rotary_base: int = 10000
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -57,6 +62,9 @@ class ModelConfig:
                 f"model.num_attention_heads={self.num_attention_heads} must be divisible by "
                 f"model.num_query_groups={groups}"
             )
+        for name in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
         if self.num_experts < 0:
             raise ValueError(f"model.num_experts must be >= 0 (0 = dense), got {self.num_experts}")
         if self.num_experts:

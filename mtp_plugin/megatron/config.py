@@ -84,8 +84,8 @@ def transformer_config_from(
         activation_func=F.silu,
         # Megatron's MoE with bias fails on CPU and DeepSeek-V3 has no biases in linears anyway.
         add_bias_linear=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,

@@ -28,6 +28,8 @@ def _quiet(_line: str) -> None:
 
 
 def _resume_worker(tmp: str, train_prefix: str, valid_prefix: str) -> dict:
+    import dataclasses
+
     import torch
 
     from mtp_plugin.train.loop import Trainer
@@ -43,6 +45,10 @@ def _resume_worker(tmp: str, train_prefix: str, valid_prefix: str) -> dict:
     full = tiny_experiment(train_prefix, valid_prefix, pp=2, train_iters=6)
     ckpt = str(Path(tmp) / "ckpt")
     split = tiny_experiment(train_prefix, valid_prefix, pp=2, train_iters=6, save_dir=ckpt, load_dir=ckpt)
+    # Dropout on both stages: the resumed masks are the uninterrupted run's only if each rank's RNG
+    # state came back from the checkpoint.
+    for cfg in (full, split):
+        cfg.model = dataclasses.replace(cfg.model, hidden_dropout=0.1, attention_dropout=0.1)
     _, uninterrupted = run(full)
     _, first_half = run(split, stop_at=3)
     # Whatever this process's RNG now holds, the resumed run must take its state from the checkpoint.

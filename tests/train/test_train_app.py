@@ -79,6 +79,17 @@ def test_command_line_overrides_reach_the_dataclasses():
     assert experiment.parallel.expert_model_parallel_size == 2
 
 
+@pytest.mark.megatron
+def test_dropout_is_off_by_default_and_reaches_megatron():
+    from mtp_plugin.megatron.config import transformer_config_from
+
+    default = _experiment()
+    assert (default.model.hidden_dropout, default.model.attention_dropout) == (0.0, 0.0)
+    experiment = _experiment("model.hidden_dropout=0.1", "model.attention_dropout=0.2")
+    config = transformer_config_from(experiment.model, experiment.parallel, experiment.mtp)
+    assert (config.hidden_dropout, config.attention_dropout) == (0.1, 0.2)
+
+
 # ------------------------------------------------------------------ bad input: one line, field + fix
 
 
@@ -311,10 +322,14 @@ def test_toy_experiment_trains_20_steps_and_every_depth_loss_falls(tmp_path):
 @pytest.mark.slow
 def test_exit_interval_then_rerun_resumes_bit_exact(tmp_path):
     """`training.exit_interval` saves and exits; the same command again resumes to the uninterrupted
-    run's exact values (scalars.jsonl). The GPU twin, bf16 with D = 0/1/2: tests/gpu/test_gpu_train_app.py."""
+    run's exact values (scalars.jsonl). Dropout is on (Megatron-LM's 0.1), so the resumed run draws the
+    uninterrupted run's masks only if the checkpoint restored the RNG states. The GPU twin, bf16 with
+    D = 0/1/2: tests/gpu/test_gpu_train_app.py."""
     train, valid = write_tiny_corpus(tmp_path / "data")
     args = [
         *TINY_MODEL_OVERRIDES,
+        "model.hidden_dropout=0.1",
+        "model.attention_dropout=0.1",
         f"data.train_prefix={train}",
         f"data.valid_prefix={valid}",
         "training.train_iters=4",

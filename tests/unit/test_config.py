@@ -66,6 +66,8 @@ def test_mtp_config_accepts_mapping_for_schedule():
         (dict(num_experts=4, moe_router_topk=5), "moe_router_topk=5"),
         (dict(num_experts=4, first_dense_layers=4), "at least one layer is MoE"),
         (dict(num_layers=0), "num_layers must be >= 1"),
+        (dict(hidden_dropout=1.0), "model.hidden_dropout must be in \\[0, 1\\), got 1.0"),
+        (dict(attention_dropout=-0.1), "model.attention_dropout must be in"),
     ],
 )
 def test_model_config_errors(kwargs, message):
