@@ -14,8 +14,14 @@ process-global loss tracker).
 
     python benchmarks/bench_mtp.py --out bench.json --table bench.md
 
-Configurations: `none`, `native-D{k}`, `plugin-D{k}` (loss_chunk_tokens=0: full logits per depth),
-`chunked-D{k}` (loss_chunk_tokens=--chunk-tokens: fused head + CE, no [tokens x vocab] logits kept).
+Configurations: `none`, `none-L{n}` (no MTP, n trunk layers: `none-L9` is one more layer than the
+shape's 8, the arithmetic of an MTP depth without its head), `native-D{k}`, `plugin-D{k}`
+(loss_chunk_tokens=0: full logits per depth), `chunked-D{k}` (loss_chunk_tokens=--chunk-tokens, head +
+CE with grads made in forward, softmax work in fp32 torch ops) and `fused-D{k}` (the same with the Triton
+kernels on the bf16 logits chunk, mtp.loss_kernel=triton). On CUDA the driver also times the head's three
+GEMMs alone ([tokens x hidden] x [hidden x vocab] forward, and the two backward products) and the head +
+CE alone per implementation (`head` in the JSON); `--profile NAMES` adds the top CUDA kernels of one
+step of those configurations. Every result has `impl`, `D`, `ms` (median), `ms_min` and `peak_gib`.
 """
 
 from __future__ import annotations
@@ -40,18 +46,28 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))  # run as a script from a checkout without installing the package
 
 
-def config_names(depths: list[int]) -> list[str]:
-    names = ["none"]
+KINDS = ("native", "plugin", "chunked", "fused")
+
+
+def config_names(depths: list[int], layers: int = 8) -> list[str]:
+    names = ["none", f"none-L{layers + 1}"]
     for d in depths:
-        names += [f"native-D{d}", f"plugin-D{d}", f"chunked-D{d}"]
+        names += [f"{kind}-D{d}" for kind in KINDS]
     return names
 
 
 def parse_name(name: str) -> tuple[str, int]:
-    if name == "none":
+    if name == "none" or name.startswith("none-L"):
         return "none", 0
     kind, depth = name.rsplit("-D", 1)
+    if kind not in KINDS:
+        raise ValueError(f"unknown configuration {name!r}: use none, none-L<n> or <{'|'.join(KINDS)}>-D<k>")
     return kind, int(depth)
+
+
+def num_layers_of(name: str, default: int) -> int:
+    """`none-L9` -> 9 trunk layers; every other configuration has the shape's `default`."""
+    return int(name.split("-L", 1)[1]) if name.startswith("none-L") else default
 
 
 # ----------------------------------------------------------------------------------- one configuration
@@ -73,7 +89,7 @@ def _init_distributed(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed, inference_rng_tracker=not torch.cuda.is_available())
 
 
-def _build(args, kind: str, depth: int):
+def _build(args, kind: str, depth: int, num_layers: int):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
 
@@ -86,7 +102,7 @@ def _build(args, kind: str, depth: int):
     )
 
     model_cfg = ModelConfig(
-        num_layers=args.layers,
+        num_layers=num_layers,
         hidden_size=args.hidden,
         num_attention_heads=args.heads,
         ffn_hidden_size=args.moe_ffn_hidden_size,
@@ -103,14 +119,15 @@ def _build(args, kind: str, depth: int):
     mtp_cfg = MTPConfig(
         num_depths=depth,
         lambda_schedule=LambdaScheduleConfig(kind="constant", value=args.lam),
-        loss_chunk_tokens=args.chunk_tokens if kind == "chunked" else 0,
+        loss_chunk_tokens=args.chunk_tokens if kind in ("chunked", "fused") else 0,
+        loss_kernel="triton" if kind == "fused" else "torch",
     )
     params_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     overrides = {"mtp_loss_scaling_factor": args.lam} if kind == "native" else {}
     config = transformer_config_from(
         model_cfg, ParallelConfig(), mtp_cfg, params_dtype=params_dtype, **overrides
     )
-    if kind in ("plugin", "chunked"):
+    if kind in ("plugin", "chunked", "fused"):
         model = build_mtp_gpt_model(model_cfg, mtp_cfg, config, pre_process=True, post_process=True)
     else:
         from mtp_plugin.megatron.compat import ensure_moe_router_without_te
@@ -166,7 +183,7 @@ def setup_training(name: str, args):
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    model_cfg, config, model = _build(args, kind, depth)
+    model_cfg, config, model = _build(args, kind, depth, num_layers_of(name, args.layers))
     num_params = sum(p.numel() for p in model.parameters())
     bf16 = args.dtype == "bf16"
     ddp = DistributedDataParallel(
@@ -198,7 +215,7 @@ def setup_training(name: str, args):
         "loss_mask": torch.ones(b, s, device=device),
         "position_ids": torch.arange(s, device=device).unsqueeze(0).expand(b, s).contiguous(),
     }
-    metrics = MTPMetrics(depth) if kind in ("plugin", "chunked") else None
+    metrics = MTPMetrics(depth) if kind in ("plugin", "chunked", "fused") else None
 
     end_of_forward_bytes = []
 
@@ -291,11 +308,18 @@ def run_config(name: str, args) -> dict:
         sync()
         mem["optimizer_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
         mem["resident_gib"] = before_step / GIB
+    profile = _profile_step(t) if cuda and name in args.profile.split(",") else None
     result = {
         "name": name,
+        "impl": name.split("-D")[0],
+        "D": depth,
+        "ms": 1e3 * statistics.median(times_s),
+        "ms_min": 1e3 * min(times_s),
+        "peak_gib": mem.get("peak_mem_gib"),
         "kind": kind,
         "depths": depth,
-        "loss_chunk_tokens": args.chunk_tokens if kind == "chunked" else 0,
+        "num_layers": num_layers_of(name, args.layers),
+        "loss_chunk_tokens": args.chunk_tokens if kind in ("chunked", "fused") else 0,
         "num_params": num_params,
         "step_ms_median": 1e3 * statistics.median(times_s),
         "step_ms": [1e3 * t for t in times_s],
@@ -308,7 +332,98 @@ def run_config(name: str, args) -> dict:
     }
     if metrics is not None:
         result["mtp_losses_last"] = [metrics.reduce()[f"mtp_{k} loss"] for k in range(1, depth + 1)]
+    if profile is not None:
+        result["profile_top_kernels"] = profile
     return result
+
+
+def _profile_step(t, top: int = 25) -> list[dict]:
+    """One more step under torch.profiler: the CUDA kernels with the most device time (ms, calls)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if t.metrics is not None:
+        t.metrics.reset()
+    t.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t.step_once()
+        t.optimizer.step()
+        t.sync()
+    rows = []
+    for evt in prof.key_averages():
+        device_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
+        if device_us > 0:
+            rows.append({"kernel": evt.key[:120], "ms": device_us / 1e3, "calls": evt.count})
+    rows.sort(key=lambda r: -r["ms"])
+    total = sum(r["ms"] for r in rows)
+    return [{"kernel": "(all kernels)", "ms": total, "calls": sum(r["calls"] for r in rows)}] + rows[:top]
+
+
+# ----------------------------------------------------------------------------------- the head alone
+
+
+def _cuda_ms(fn, reps: int = 20, warmup: int = 3) -> tuple[float, float]:
+    """(median, min) milliseconds of `fn()` over `reps` runs, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), min(times)
+
+
+def time_head(args) -> dict:
+    """The head's three GEMMs alone, and head + CE forward + backward alone per implementation."""
+    from mtp_plugin.core import linear_cross_entropy
+
+    n, h, v = args.micro_batch * args.seq, args.hidden, args.vocab
+    gen = torch.Generator(device="cuda").manual_seed(args.seed)
+    hidden = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=gen)
+    weight = (0.02 * torch.randn(v, h, device="cuda", generator=gen)).to(torch.bfloat16)
+    dlogits = torch.randn(n, v, device="cuda", dtype=torch.bfloat16, generator=gen)
+    targets = torch.randint(0, v, (n,), device="cuda", generator=gen)
+    mask = torch.ones(n, dtype=torch.bool, device="cuda")
+    out = {"tokens": n, "hidden": h, "vocab": v, "gemm_tflop": 3 * 2 * n * h * v / 1e12}
+    gemms = {
+        "logits = h @ W^T": lambda: hidden @ weight.t(),
+        "grad_h = dlogits @ W": lambda: dlogits @ weight,
+        "grad_W = dlogits^T @ h": lambda: dlogits.t() @ hidden,
+    }
+    out["gemm_ms"] = {name: _cuda_ms(fn)[0] for name, fn in gemms.items()}
+    out["three_gemms_ms"] = sum(out["gemm_ms"].values())
+    out["three_gemms_tflops"] = out["gemm_tflop"] / out["three_gemms_ms"] * 1e3
+    dlogits = None  # 0.8 GiB: free it before the head + loss timings
+
+    def head_and_loss(chunk_tokens, kernel):
+        def fn():
+            hh = hidden.detach().requires_grad_()
+            ww = weight.detach().requires_grad_()
+            stats = linear_cross_entropy(hh, ww, targets, mask, chunk_tokens=chunk_tokens, kernel=kernel)
+            stats.loss_sum.backward()
+
+        return fn
+
+    out["head_and_loss"] = {}
+    for label, chunk, kernel in [
+        ("plain (full logits, autograd)", 0, "torch"),
+        (f"chunked torch ops ({args.chunk_tokens} tok)", args.chunk_tokens, "torch"),
+        (f"fused triton ({args.chunk_tokens} tok)", args.chunk_tokens, "triton"),
+        (f"fused triton ({n} tok, one chunk)", n, "triton"),
+    ]:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        ms, ms_min = _cuda_ms(head_and_loss(chunk, kernel), reps=10)
+        out["head_and_loss"][label] = {
+            "ms": ms,
+            "ms_min": ms_min,
+            "transient_gib": (torch.cuda.max_memory_allocated() - base) / GIB,
+        }
+    return out
 
 
 # ----------------------------------------------------------------------------------- driver
@@ -327,6 +442,7 @@ def _shape_args(args) -> list[str]:
         "micro_batch",
         "chunk_tokens",
         "steps",
+        "profile",
         "warmup",
         "lam",
         "dtype",
@@ -358,9 +474,9 @@ def _run_isolated(name: str, args) -> dict:
 def format_table(results: list[dict]) -> str:
     base = next((r for r in results if r["name"] == "none" and "error" not in r), None)
     lines = [
-        "| config | loss path | step ms (median) | vs no MTP | peak GiB | Δ peak | fwd+bwd peak GiB "
+        "| config | loss path | step ms (median) | min | vs no MTP | peak GiB | Δ peak | fwd+bwd peak GiB "
         "| optimizer peak GiB | kept after fwd GiB | Δ kept |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def delta(r, key, fmt="{:+.2f}"):
@@ -377,19 +493,46 @@ def format_table(results: list[dict]) -> str:
             "none": "-",
             "native": "native (full logits)",
             "plugin": "plugin plain (full logits)",
-            "chunked": f"plugin chunked ({r.get('loss_chunk_tokens', '?')} tok)",
+            "chunked": f"plugin chunked, torch ops ({r.get('loss_chunk_tokens', '?')} tok)",
+            "fused": f"plugin fused, triton ({r.get('loss_chunk_tokens', '?')} tok)",
         }[kind]
         if "error" in r:
-            lines.append(f"| {r['name']} | {path} | {r['error']} | | | | | | | |")
+            lines.append(f"| {r['name']} | {path} | {r['error']} | | | | | | | | |")
             continue
         ms = r["step_ms_median"]
         rel = f"{100 * (ms / base['step_ms_median'] - 1):+.1f}%" if base and r is not base else ""
         lines.append(
-            f"| {r['name']} | {path} | {ms:.1f} | {rel} | {val(r, 'peak_mem_gib')} | "
+            f"| {r['name']} | {path} | {ms:.1f} | {r['ms_min']:.1f} | {rel} | {val(r, 'peak_mem_gib')} | "
             f"{delta(r, 'peak_mem_gib')} | {val(r, 'fwd_bwd_peak_gib')} | {val(r, 'optimizer_peak_gib')} | "
             f"{val(r, 'kept_after_forward_gib')} | {delta(r, 'kept_after_forward_gib')} |"
         )
     return "\n".join(lines)
+
+
+def target_checks(results: list[dict], head: dict | None, impl: str = "fused") -> list[str]:
+    """Issue 14's targets, one line each: step <= 0.95x native, D1 - none-L9 <= 1.5x GEMMs, peak."""
+    ok = {r["name"]: r for r in results if "error" not in r}
+    lines = []
+    for name, r in ok.items():
+        if r["kind"] != impl or f"native-D{r['D']}" not in ok:
+            continue
+        native = ok[f"native-D{r['D']}"]
+        ratio = r["ms"] / native["ms"]
+        lines.append(
+            f"{name}: step {r['ms']:.1f} ms = {ratio:.3f}x native {native['ms']:.1f} (target <= 0.95x: "
+            f"{'met' if ratio <= 0.95 else 'missed'}); peak {r['peak_gib']:.2f} GiB vs native "
+            f"{native['peak_gib']:.2f} - 1.3 x {r['D']} = {native['peak_gib'] - 1.3 * r['D']:.2f} "
+            f"({'met' if r['peak_gib'] <= native['peak_gib'] - 1.3 * r['D'] else 'missed'})"
+        )
+    deeper = next((r for n, r in ok.items() if n.startswith("none-L")), None)
+    d1 = ok.get(f"{impl}-D1")
+    if head is not None and deeper is not None and d1 is not None:
+        extra, bound = d1["ms"] - deeper["ms"], 1.5 * head["three_gemms_ms"]
+        lines.append(
+            f"{impl}-D1 - {deeper['name']} = {extra:.1f} ms vs 1.5 x the head's three GEMMs "
+            f"({head['three_gemms_ms']:.2f} ms) = {bound:.1f} ms: {'met' if extra <= bound else 'missed'}"
+        )
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -409,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--chunk-tokens", type=int, default=4096)
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--lam", type=float, default=0.1)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
@@ -419,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-timeout", type=float, default=120.0, help="seconds per configuration")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip configurations started after this")
     p.add_argument("--in-process", action="store_true", help="run every configuration in this process")
+    p.add_argument("--profile", default="", help="comma-separated configurations to profile one step of")
+    p.add_argument("--no-head", action="store_true", help="skip timing the head alone (CUDA)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -428,15 +573,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.only:
+        if not torch.cuda.is_available():
+            from mtp_plugin.train.cpu import enable_megatron_on_cpu
+
+            enable_megatron_on_cpu()  # a CPU smoke run of the script (tiny shapes)
         print("RESULT " + json.dumps(run_config(args.only, args)), flush=True)
         torch.distributed.destroy_process_group()
         return 0
 
-    names = config_names([int(d) for d in args.depths.split(",") if d])
+    names = config_names([int(d) for d in args.depths.split(",") if d], args.layers)
     if args.configs:
         wanted = args.configs.split(",")
         names = [n for n in names if n in wanted]
     start = time.monotonic()
+    head = None
+    if torch.cuda.is_available() and not args.no_head:
+        head = time_head(args)
+        print(f"head alone: {json.dumps(head, indent=1)}", flush=True)
+        torch.cuda.empty_cache()
     results = []
     for name in names:
         if time.monotonic() - start > args.budget_s:
@@ -459,11 +613,12 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     table = format_table(results)
-    print(f"\n{env}\n\n{table}")
-    record = {"env": env, "args": vars(args), "results": results}
+    checks = target_checks(results, head)
+    print(f"\n{env}\n\n{table}\n\n" + "\n".join(checks))
+    record = {"env": env, "args": vars(args), "head": head, "targets": checks, "results": results}
     args.out.write_text(json.dumps(record, indent=1, default=str))
     if args.table:
-        args.table.write_text(f"{env}\n\n{table}\n")
+        args.table.write_text(f"{env}\n\n{table}\n\n" + "\n".join(f"- {c}" for c in checks) + "\n")
     return 0
 
 

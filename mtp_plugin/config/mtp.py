@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from mtp_plugin.core.cross_entropy import DEFAULT_LOSS_CHUNK_TOKENS
+from mtp_plugin.core.cross_entropy import DEFAULT_LOSS_CHUNK_TOKENS, LOSS_KERNELS
 from mtp_plugin.core.schedules import (
     SCHEDULE_KINDS,
     ConstantLambda,
@@ -73,6 +73,8 @@ class MTPConfig:
     depth_weights: w_k, non-negative, summing to 1; empty means 1/D each (DeepSeek-V3).
     loss_chunk_tokens: tokens per chunk of the fused head + cross-entropy of the MTP depths (default
       4096: no depth ever holds its full [tokens x vocab] logits); 0 materialises full logits.
+    loss_kernel: the chunked path's softmax work: "auto" (Triton kernels on CUDA, torch ops elsewhere),
+      "triton" (CUDA only) or "torch" (fp32 torch ops on any device, the reference).
     mask_across_eod: per-document targets: a depth-k target in the next document is not scored.
     placement: "last" (MTP, head and loss on the last pipeline stage) or "stage" (MTP on `mtp_stage`,
       later stages carry hidden states on to the head and loss).
@@ -83,6 +85,7 @@ class MTPConfig:
     lambda_schedule: LambdaScheduleConfig = field(default_factory=LambdaScheduleConfig)
     depth_weights: list[float] = field(default_factory=list)
     loss_chunk_tokens: int = DEFAULT_LOSS_CHUNK_TOKENS
+    loss_kernel: str = "auto"
     mask_across_eod: bool = False
     placement: str = "last"
     mtp_stage: int | None = None
@@ -120,6 +123,10 @@ class MTPConfig:
         if self.loss_chunk_tokens < 0:
             raise ValueError(
                 f"mtp.loss_chunk_tokens must be >= 0 (0 = unchunked), got {self.loss_chunk_tokens}"
+            )
+        if self.loss_kernel not in LOSS_KERNELS:
+            raise ValueError(
+                f"mtp.loss_kernel={self.loss_kernel!r} is unknown; use one of {', '.join(LOSS_KERNELS)}"
             )
         if self.placement not in ("last", "stage"):
             raise ValueError(

@@ -162,11 +162,74 @@ def linear_cross_entropy_plain(
     return CrossEntropyStats(loss_n.sum(), m_n.sum(), correct_n.sum())
 
 
+def _accumulate_head_grads(dlogits_cv, h_ch, w_vh, grad_h_nh, grad_w_vh, start, stop) -> None:
+    """The chunk's d(loss)/d(hidden) rows and its share of d(loss)/d(weight) (fp32 accumulator)."""
+    if grad_h_nh is not None:
+        grad_h_nh[start:stop] = dlogits_cv @ w_vh
+    if grad_w_vh is not None:
+        if dlogits_cv.dtype == grad_w_vh.dtype:
+            grad_w_vh.addmm_(dlogits_cv.t(), h_ch)
+        elif grad_w_vh.is_cuda:
+            # cuBLAS accumulates the bf16 product into the fp32 buffer: no [v x h] bf16 temporary.
+            torch.addmm(grad_w_vh, dlogits_cv.t(), h_ch, out_dtype=grad_w_vh.dtype, out=grad_w_vh)
+        else:
+            grad_w_vh += dlogits_cv.t() @ h_ch
+
+
+def _fused_chunk(fused, logits_cv, t_c, mask_c, vocab_start, tp_group):
+    """One chunk with the Triton kernels: (loss sum, top-1 hits, d(loss)/d(logits) written over the logits).
+
+    The same statistics as the torch path, reduced the same way over the tensor-parallel group; Σ exp is
+    taken against each shard's own maximum and rescaled to the global one before the sum.
+    """
+    num_vocab_local = logits_cv.shape[1]
+    local_t_c = t_c - vocab_start
+    in_shard_c = (local_t_c >= 0) & (local_t_c < num_vocab_local)
+    safe_t_c = local_t_c.clamp(0, num_vocab_local - 1)
+    local_max_c, local_argmax_c, local_sumexp_c = fused.row_stats(logits_cv)
+    target_logit_c = logits_cv.gather(1, safe_t_c[:, None])[:, 0].float() * in_shard_c
+    if tp_group is None:
+        max_c, sumexp_c = local_max_c, local_sumexp_c
+        earlier_c = _earlier_maximum(local_max_c, local_argmax_c, max_c, local_t_c)
+    else:
+        max_c = _all_reduce(local_max_c.clone(), dist.ReduceOp.MAX, tp_group)
+        earlier_c = _earlier_maximum(local_max_c, local_argmax_c, max_c, local_t_c)
+        partial_3c = torch.stack([local_sumexp_c * torch.exp(local_max_c - max_c), target_logit_c, earlier_c])
+        sumexp_c, target_logit_c, earlier_c = _all_reduce(partial_3c, dist.ReduceOp.SUM, tp_group)
+    lse_c = torch.log(sumexp_c) + max_c
+    weight_c = mask_c.float()
+    loss_c = ((lse_c - target_logit_c) * weight_c).sum()
+    correct_c = _top1_hits(target_logit_c, max_c, earlier_c, mask_c).sum()
+    onehot_col_c = torch.where(in_shard_c, local_t_c, -1)
+    return loss_c, correct_c, fused.softmax_grad_(logits_cv, lse_c, weight_c, onehot_col_c)
+
+
+LOSS_KERNELS = ("auto", "torch", "triton")
+
+
+def _fused_kernels(kernel: str, device: torch.device):
+    """The Triton module for `kernel` on `device`, or None for the torch ops (module docstring)."""
+    if kernel not in LOSS_KERNELS:
+        raise ValueError(f"loss kernel must be one of {LOSS_KERNELS}, got {kernel!r}")
+    if kernel == "torch" or (kernel == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda":
+        raise ValueError(f"loss kernel 'triton' needs CUDA tensors, got {device}; use 'auto' or 'torch'")
+    try:
+        from mtp_plugin.core import fused_ce_triton
+    except ImportError as err:
+        raise ImportError(
+            f"the fused CUDA loss needs Triton ({err}); install triton or set mtp.loss_kernel=torch"
+        ) from err
+    return fused_ce_triton
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_nh, weight_vh, t_n, m_n, chunk_tokens, vocab_start, tp_group):
+    def forward(ctx, h_nh, weight_vh, t_n, m_n, chunk_tokens, vocab_start, tp_group, fused):
         # The head matmuls run in the activations' dtype (bf16 tensor cores on GPU), as the output
         # layer does; softmax, loss and the weight-gradient accumulator are at least fp32.
+        # `fused`: the Triton kernels' module (CUDA), or None for the torch ops below.
         cdtype = _compute_dtype(h_nh.dtype)
         num_vocab_local = weight_vh.shape[0]
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -182,6 +245,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h_nh.shape[0], chunk_tokens):
             stop = min(start + chunk_tokens, h_nh.shape[0])
             h_ch = h_nh[start:stop]
+            if fused is not None:
+                loss_c, correct_c, dlogits_cv = _fused_chunk(
+                    fused, h_ch @ w_vh.t(), t_n[start:stop], m_n[start:stop], vocab_start, tp_group
+                )
+                loss_sum += loss_c
+                num_correct += correct_c
+                if needs_grad:
+                    _accumulate_head_grads(dlogits_cv, h_ch, w_vh, grad_h_nh, grad_w_vh, start, stop)
+                continue
             logits_cv = (h_ch @ w_vh.t()).to(cdtype)
             local_t_c = t_n[start:stop] - vocab_start
             in_shard_c = (local_t_c >= 0) & (local_t_c < num_vocab_local)
@@ -204,14 +276,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 rows = torch.nonzero(in_shard_c, as_tuple=True)[0]
                 dlogits_cv[rows, safe_t_c[rows]] -= 1.0
                 dlogits_cv.mul_(mask_c[:, None])
-                dlogits_cv = dlogits_cv.to(h_nh.dtype)
-                if grad_h_nh is not None:
-                    grad_h_nh[start:stop] = dlogits_cv @ w_vh
-                if grad_w_vh is not None:
-                    if dlogits_cv.dtype == cdtype:
-                        grad_w_vh.addmm_(dlogits_cv.t(), h_ch)
-                    else:
-                        grad_w_vh += (dlogits_cv.t() @ h_ch).to(cdtype)
+                _accumulate_head_grads(
+                    dlogits_cv.to(h_nh.dtype), h_ch, w_vh, grad_h_nh, grad_w_vh, start, stop
+                )
         ctx.save_for_backward(grad_h_nh, grad_w_vh)
         ctx.has_grads = (grad_h_nh is not None, grad_w_vh is not None)
         ctx.weight_dtype = weight_vh.dtype
@@ -225,7 +292,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         has_h, has_w = ctx.has_grads
         grad_h = grad_h_nh * grad_loss.to(grad_h_nh.dtype) if has_h else None
         grad_w = (grad_w_vh * grad_loss).to(ctx.weight_dtype) if has_w else None
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -237,10 +304,13 @@ def linear_cross_entropy(
     chunk_tokens: int = 0,
     vocab_start: int = 0,
     tp_group=None,
+    kernel: str = "auto",
 ) -> CrossEntropyStats:
     """Σ CE(hidden @ weightᵀ, targets) over valid targets; `chunk_tokens > 0` takes the chunked path.
 
     Both paths follow the module docstring's conventions (dtypes, label range, argmax acceptance).
+    `kernel` picks the chunked path's softmax work: "triton" (CUDA: in place on the head GEMM's output,
+    fused_ce_triton.py), "torch" (any device: fp32 torch ops, the reference), "auto" (triton on CUDA).
     """
     if chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be >= 0 (0 = plain path), got {chunk_tokens}")
@@ -248,9 +318,10 @@ def linear_cross_entropy(
         return linear_cross_entropy_plain(
             hidden, weight_vh, targets, mask, vocab_start=vocab_start, tp_group=tp_group
         )
+    fused = _fused_kernels(kernel, hidden.device)
     h_nh, t_n, m_n = _flatten(hidden, targets, mask)
     _check_targets(t_n, m_n, _num_vocab(weight_vh, tp_group))
     loss_sum, num_tokens, num_correct = _ChunkedLinearCrossEntropy.apply(
-        h_nh, weight_vh, t_n, m_n, chunk_tokens, vocab_start, tp_group
+        h_nh, weight_vh, t_n, m_n, chunk_tokens, vocab_start, tp_group, fused
     )
     return CrossEntropyStats(loss_sum, num_tokens, num_correct)

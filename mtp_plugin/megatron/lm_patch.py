@@ -163,7 +163,9 @@ def to_mtp_model(model, mtp: MTPConfig):
     """A GPTModel stage that Megatron-LM built with its native MTP block -> the plugin's MTPGPTModel."""
     from mtp_plugin.megatron.model import MTPGPTModel
 
-    model = MTPGPTModel.from_gpt_model(model, loss_chunk_tokens=mtp.loss_chunk_tokens, eod_id=_eod_id(mtp))
+    model = MTPGPTModel.from_gpt_model(
+        model, loss_chunk_tokens=mtp.loss_chunk_tokens, loss_kernel=mtp.loss_kernel, eod_id=_eod_id(mtp)
+    )
     model.mtp_config = mtp
     return model
 

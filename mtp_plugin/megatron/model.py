@@ -192,6 +192,7 @@ class MTPGPTModel(GPTModel):
         mtp_layer_spec: ModuleSpec | None = None,
         mtp_block_spec=None,
         loss_chunk_tokens: int = 0,
+        loss_kernel: str = "auto",
         eod_id: int | None = None,
         pre_process: bool = True,
         post_process: bool = True,
@@ -226,11 +227,18 @@ class MTPGPTModel(GPTModel):
             vp_stage=vp_stage,
             **gpt_kwargs,
         )
-        self._adopt_mtp(loss_chunk_tokens=loss_chunk_tokens, eod_id=eod_id, mtp_stage=mtp_stage)
+        self._adopt_mtp(
+            loss_chunk_tokens=loss_chunk_tokens, loss_kernel=loss_kernel, eod_id=eod_id, mtp_stage=mtp_stage
+        )
 
     @classmethod
     def from_gpt_model(
-        cls, model: GPTModel, *, loss_chunk_tokens: int = 0, eod_id: int | None = None
+        cls,
+        model: GPTModel,
+        *,
+        loss_chunk_tokens: int = 0,
+        loss_kernel: str = "auto",
+        eod_id: int | None = None,
     ) -> MTPGPTModel:
         """Turn a GPTModel stage built with Megatron's MTP block spec into the plugin's model, in place.
 
@@ -244,14 +252,20 @@ class MTPGPTModel(GPTModel):
             )
         model.__class__ = cls
         model._adopt_mtp(
-            loss_chunk_tokens=loss_chunk_tokens, eod_id=eod_id, mtp_stage=_mtp_stage_of(model.config)
+            loss_chunk_tokens=loss_chunk_tokens,
+            loss_kernel=loss_kernel,
+            eod_id=eod_id,
+            mtp_stage=_mtp_stage_of(model.config),
         )
         return model
 
-    def _adopt_mtp(self, *, loss_chunk_tokens: int, eod_id: int | None, mtp_stage: int) -> None:
+    def _adopt_mtp(
+        self, *, loss_chunk_tokens: int, loss_kernel: str, eod_id: int | None, mtp_stage: int
+    ) -> None:
         config = self.config
         self.num_mtp_depths = config.mtp_num_layers or 0
         self.loss_chunk_tokens = loss_chunk_tokens
+        self.loss_kernel = loss_kernel
         self.eod_id = eod_id
         pp_rank = self.pp_group.rank()
         self.mtp_process = bool(self.num_mtp_depths) and getattr(self, "mtp_process", False)
@@ -368,6 +382,7 @@ class MTPGPTModel(GPTModel):
                 chunk_tokens=self.loss_chunk_tokens,
                 vocab_start=tp_group.rank() * head_weight.shape[0],
                 tp_group=tp_group if tp_size > 1 else None,
+                kernel=self.loss_kernel,
             )
             loss_sums.append(stats.loss_sum)
             counts.append(torch.stack([stats.num_tokens, stats.num_correct]).to(torch.float32))
@@ -419,6 +434,7 @@ def build_mtp_gpt_model(
         mtp_stage=mtp_stage,
         mtp_layer_spec=mtp_layer_spec,
         loss_chunk_tokens=mtp_cfg.loss_chunk_tokens,
+        loss_kernel=mtp_cfg.loss_kernel,
         eod_id=eod_id if mtp_cfg.mask_across_eod else None,
         pre_process=pre_process,
         post_process=post_process,
