@@ -3,61 +3,96 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from mtp_plugin.core.cross_entropy import DEFAULT_LOSS_CHUNK_TOKENS, LOSS_KERNELS
 from mtp_plugin.core.schedules import (
+    SCHEDULE_FIELDS,
     SCHEDULE_KINDS,
     ConstantLambda,
-    CosineLambda,
     LambdaSchedule,
-    LinearLambda,
     PiecewiseLambda,
 )
 
 
+def first_iteration_at(tokens: float, tokens_per_iteration: int) -> int:
+    """The first iteration (1-based) whose λ sees at least `tokens` consumed: iteration i is weighted by
+    λ of the (i - 1) * tokens_per_iteration tokens consumed before it (mtp_plugin.train.loop)."""
+    return max(1, math.ceil(tokens / tokens_per_iteration) + 1)
+
+
+def _at(tokens: float, tokens_per_iteration: int, train_iters: int) -> str:
+    """'68,270 tokens (iteration 68 of 100)', or '... (iteration N, after the run's 100)'."""
+    iteration = first_iteration_at(tokens, tokens_per_iteration)
+    where = f"of {train_iters:,}" if iteration <= train_iters else f"after the run's {train_iters:,}"
+    return f"{tokens:,.0f} tokens (iteration {iteration:,} {where})"
+
+
 @dataclass(kw_only=True)
 class LambdaScheduleConfig:
-    """λ as a function of consumed tokens. Flat (one field set per kind) so that YAML can fill it.
+    """λ as a function of consumed tokens. Flat so that YAML can fill it; each kind takes its own
+    fields only, and the others stay null (`--cfg job` shows null for them):
 
     kind: constant | piecewise | linear | cosine
       constant:  value
       piecewise: boundaries_tokens (strictly increasing), values (one more than boundaries)
       linear / cosine: start_value -> end_value over [start_tokens, end_tokens]
+
+    A field of another kind that is set (not null; an empty list is set) is an error naming it, so a
+    schedule never carries values it ignores. A field of the kind left null takes the default of its
+    schedule in mtp_plugin.core.schedules (constant: 0.1, Megatron's mtp_loss_scaling_factor).
     """
 
     kind: str = "constant"
-    value: float = 0.1
-    boundaries_tokens: list[float] = field(default_factory=list)
-    values: list[float] = field(default_factory=list)
-    start_value: float = 0.3
-    end_value: float = 0.1
-    start_tokens: float = 0.0
-    end_tokens: float = 1.0
+    value: float | None = None
+    boundaries_tokens: list[float] | None = None
+    values: list[float] | None = None
+    start_value: float | None = None
+    end_value: float | None = None
+    start_tokens: float | None = None
+    end_tokens: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SCHEDULE_KINDS:
             raise ValueError(
                 f"mtp.lambda_schedule.kind={self.kind!r} is unknown; choose one of {sorted(SCHEDULE_KINDS)}"
             )
-        if self.kind != "piecewise" and (self.boundaries_tokens or self.values):
+        own = SCHEDULE_FIELDS[self.kind]
+        stray = [
+            f.name for f in fields(self) if f.name not in (*own, "kind") and getattr(self, f.name) is not None
+        ]
+        if stray:
+            settings = ", ".join(f"mtp.lambda_schedule.{name}={getattr(self, name)}" for name in stray)
+            nulls = " ".join(f"mtp.lambda_schedule.{name}=null" for name in stray)
+            kinds = sorted({k for name in stray for k, names in SCHEDULE_FIELDS.items() if name in names})
+            it, verb = ("it", "is") if len(stray) == 1 else ("them", "are")
             raise ValueError(
-                f"mtp.lambda_schedule.boundaries_tokens/values are set but kind={self.kind!r} ignores them; "
-                "set mtp.lambda_schedule.kind=piecewise or clear them"
+                f"{settings} {verb} not used by kind={self.kind!r} (a {self.kind} λ takes only "
+                f"{', '.join(own)}); set {nulls}, or kind={'/'.join(kinds)}, which uses {it}"
             )
         self.build()  # constructing the schedule validates its fields
 
+    def describe(self, tokens_per_iteration: int, train_iters: int) -> str:
+        """λ in words with its switch points in tokens and iterations, e.g. 'λ 0.3, then 0.1 from
+        68,270 tokens (iteration 68 of 100)'. Iterations assume this run's global batch throughout."""
+        schedule = self.build()
+        at = lambda tokens: _at(tokens, tokens_per_iteration, train_iters)
+        if isinstance(schedule, ConstantLambda):
+            return f"λ {schedule.value:g} (constant)"
+        if isinstance(schedule, PiecewiseLambda):
+            steps = [
+                f"then {v:g} from {at(b)}" for b, v in zip(schedule.boundaries_tokens, schedule.values[1:])
+            ]
+            return ", ".join([f"λ {schedule.values[0]:g}", *steps])
+        return (
+            f"λ {self.kind} {schedule.start_value:g} -> {schedule.end_value:g} from {at(schedule.start_tokens)} "
+            f"to {at(schedule.end_tokens)}"
+        )
+
     def build(self) -> LambdaSchedule:
-        if self.kind == "constant":
-            return ConstantLambda(value=self.value)
-        if self.kind == "piecewise":
-            return PiecewiseLambda(boundaries_tokens=tuple(self.boundaries_tokens), values=tuple(self.values))
-        ramp = LinearLambda if self.kind == "linear" else CosineLambda
-        return ramp(
-            start_value=self.start_value,
-            end_value=self.end_value,
-            start_tokens=self.start_tokens,
-            end_tokens=self.end_tokens,
+        own = {name: getattr(self, name) for name in SCHEDULE_FIELDS[self.kind]}
+        return SCHEDULE_KINDS[self.kind](
+            **{name: tuple(v) if isinstance(v, list) else v for name, v in own.items() if v is not None}
         )
 
 
@@ -143,6 +178,23 @@ class MTPConfig:
     @property
     def enabled(self) -> bool:
         return self.num_depths > 0
+
+    def describe(self, tokens_per_iteration: int, train_iters: int) -> str:
+        """One line: D, λ with its switch points in tokens and iterations, the depths' loss path."""
+        if not self.enabled:
+            return "MTP off (D = 0): next-token loss only, λ 0"
+        weights = (
+            "w_k = 1/D" if not self.depth_weights else "w_k = " + ", ".join(f"{w:g}" for w in self.weights)
+        )
+        loss = (
+            f"chunked (fused head + cross-entropy, {self.loss_chunk_tokens}-token chunks)"
+            if self.loss_chunk_tokens
+            else "plain (full [tokens x vocab] logits per depth)"
+        )
+        return (
+            f"MTP D = {self.num_depths} ({weights}), {self.lambda_schedule.describe(tokens_per_iteration, train_iters)}; "
+            f"depth loss {loss}"
+        )
 
     @property
     def weights(self) -> tuple[float, ...]:

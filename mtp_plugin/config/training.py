@@ -307,3 +307,7 @@ class ExperimentConfig:
     @property
     def tokens_per_iteration(self) -> int:
         return self.training.global_batch_size * self.model.seq_length
+
+    def mtp_summary(self) -> str:
+        """The MTP setup that will train, in one line (printed by `--cfg job` and at the start of a run)."""
+        return self.mtp.describe(self.tokens_per_iteration, self.training.train_iters)

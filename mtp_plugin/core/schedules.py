@@ -8,6 +8,7 @@ first 10T tokens and 0.1 for the remaining 4.8T: `PiecewiseLambda(boundaries_tok
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
@@ -118,6 +119,10 @@ LambdaSchedule = ConstantLambda | PiecewiseLambda | LinearLambda | CosineLambda
 SCHEDULE_KINDS: dict[str, type] = {
     cls.kind: cls for cls in (ConstantLambda, PiecewiseLambda, LinearLambda, CosineLambda)
 }
+# The fields each kind takes (and nothing else): config and checkpoint readers reject any other.
+SCHEDULE_FIELDS: dict[str, tuple[str, ...]] = {
+    kind: tuple(f.name for f in dataclasses.fields(cls)) for kind, cls in SCHEDULE_KINDS.items()
+}
 
 
 def schedule_state_dict(schedule: LambdaSchedule) -> dict[str, Any]:
@@ -135,6 +140,12 @@ def schedule_from_state_dict(state: dict[str, Any]) -> LambdaSchedule:
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"unknown λ schedule kind {kind!r}; choose one of {sorted(SCHEDULE_KINDS)}")
     cls = SCHEDULE_KINDS[kind]
+    stray = sorted(set(state) - set(SCHEDULE_FIELDS[kind]))
+    if stray:
+        raise ValueError(
+            f"λ schedule of kind {kind!r} has {', '.join(stray)}, which a {kind} schedule does not take "
+            f"(it takes {', '.join(SCHEDULE_FIELDS[kind])})"
+        )
     for key, value in state.items():
         if isinstance(value, list):
             state[key] = tuple(value)
@@ -152,6 +163,7 @@ __all__ = [
     "LambdaSchedule",
     "LinearLambda",
     "PiecewiseLambda",
+    "SCHEDULE_FIELDS",
     "SCHEDULE_KINDS",
     "deepseek_v3_lambda",
     "schedule_from_state_dict",

@@ -160,8 +160,9 @@ def unknown_keys(node: DictConfig, schema: type = ExperimentConfig, prefix: str 
 def check_experiment_overrides(overrides: list[str], config_dir: Path = CONFIG_DIR) -> None:
     """Reject `experiment=X group=Y` when X's body sets fields of that group itself.
 
-    An experiment's body is merged after the groups, so `experiment=toy_demo mtp=off` would silently
-    keep toy_demo's `mtp.num_depths: 2`.
+    A preset's body is merged after the groups, so a body `mtp: {num_depths: 2}` would silently
+    override `mtp=off`. Shipped presets only choose group options (tests/train/test_presets.py); this
+    catches a preset written the old way.
     """
     choices = {}
     for arg in overrides:
@@ -431,6 +432,7 @@ def train_from_config(
         enable_megatron_on_cpu()
     log = logs.RunLog(Path(output_dir) / logs.TRAIN_LOG_NAME)  # what it prints, also in <run dir>/train.log
     if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:  # the logging rank
+        log(f" {experiment.mtp_summary()}")
         for notice in notices:
             log(f" {notice}")
     result = run(experiment, print_fn=log)
@@ -478,6 +480,45 @@ def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
     return list(itertools.chain.from_iterable(BasicSweeper.split_arguments(parsed, None)))
 
 
+def _composed_jobs(overrides: list[str], multirun: bool, config_dir: Path, *, with_hydra: bool):
+    """(job overrides, composed config) for each job, composed with Hydra's compose API."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    jobs = _jobs(overrides, multirun)
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="hydra_app"):
+        for job in jobs:
+            yield job, compose(config_name=CONFIG_NAME, overrides=job, return_hydra_config=with_hydra)
+
+
+def cfg_summary(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
+    """For `--cfg job` / `--cfg all`: the MTP summary line, as a YAML comment printed above Hydra's
+    config (`# MTP D = 2 (w_k = 1/D), λ 0.3, then 0.1 from ...`). A configuration that would be
+    refused is a ConfigError, as it is for a run. None for other flags or another config path/name
+    (and under --multirun, which Hydra refuses with --cfg).
+    """
+    from hydra._internal.utils import get_args_parser
+    from hydra.errors import HydraException
+
+    args = get_args_parser().parse_args(argv)
+    if (
+        args.cfg not in ("job", "all")
+        or args.multirun
+        or args.config_path
+        or args.config_name
+        or args.config_dir
+    ):
+        return None
+    check_group_overrides(args.overrides, config_dir)
+    check_override_keys(args.overrides, config_dir)
+    check_experiment_overrides(args.overrides, config_dir)
+    try:
+        ((_, cfg),) = _composed_jobs(args.overrides, False, config_dir, with_hydra=False)
+        return f"# {to_experiment(cfg).mtp_summary()}"
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"error: {_one_line(err)}") from None
+
+
 def preflight(argv: list[str], config_dir: Path = CONFIG_DIR) -> tuple[bool, list[Path]]:
     """Compose and validate every job of `argv` with Hydra's compose API, before `hydra.main` creates
     any run directory, so that a rejected configuration leaves no empty `outputs/<date>/<time>/`.
@@ -486,7 +527,6 @@ def preflight(argv: list[str], config_dir: Path = CONFIG_DIR) -> tuple[bool, lis
     that do not exist yet). Help, --cfg and --info print without running; another config path or name
     is left to the task's own validation.
     """
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import open_dict
 
@@ -500,23 +540,19 @@ def preflight(argv: list[str], config_dir: Path = CONFIG_DIR) -> tuple[bool, lis
         return False, []
     multirun = "--multirun" in flags or "-m" in flags
     check_experiment_overrides(overrides, config_dir)
-    register_configs()
     new_dirs = []
     try:
-        jobs = _jobs(overrides, multirun)
-        with initialize_config_dir(config_dir=str(config_dir), version_base="1.3", job_name="hydra_app"):
-            for num, job in enumerate(jobs):
-                cfg = compose(config_name=CONFIG_NAME, overrides=job, return_hydra_config=True)
-                hydra_cfg = cfg.hydra
-                if multirun:
-                    output_dir = Path(OmegaConf.select(hydra_cfg, "sweep.dir")) / str(num)
-                else:
-                    output_dir = Path(OmegaConf.select(hydra_cfg, "run.dir"))
-                with open_dict(cfg):
-                    del cfg["hydra"]
-                launch_experiment(cfg, output_dir.absolute())
-                if not output_dir.exists():
-                    new_dirs.append(output_dir.absolute())
+        for num, (_, cfg) in enumerate(_composed_jobs(overrides, multirun, config_dir, with_hydra=True)):
+            hydra_cfg = cfg.hydra
+            if multirun:
+                output_dir = Path(OmegaConf.select(hydra_cfg, "sweep.dir")) / str(num)
+            else:
+                output_dir = Path(OmegaConf.select(hydra_cfg, "run.dir"))
+            with open_dict(cfg):
+                del cfg["hydra"]
+            launch_experiment(cfg, output_dir.absolute())
+            if not output_dir.exists():
+                new_dirs.append(output_dir.absolute())
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(f"error: {_one_line(err)}") from None
     return True, new_dirs
@@ -544,6 +580,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     register_configs()
     try:
+        summary = cfg_summary(argv)
+        if summary:
+            print(summary, flush=True)
         validated, new_dirs = preflight(argv)
     except ConfigError as err:
         print(err.message, file=sys.stderr)

@@ -131,7 +131,6 @@ CASES = [
     ("wrong-type", ["model.num_layers=abc"], None, "model.num_layers=abc: Value 'abc'"),
     ("unknown-group-option", ["model=huge"], None, "model=huge is not a shipped option"),
     ("unknown-experiment", ["experiment=nope"], None, "experiment=nope is not a shipped option"),
-    ("experiment-overrides-group", ["experiment=toy_demo", "mtp=off"], None, "experiment=toy_demo sets mtp."),
     # -- values out of range, groups that do not fit
     ("negative-lr", ["training.lr=-1"], None, "training.lr must be > 0"),
     ("lr-decay-style", ["training.lr_decay_style=step"], None, "training.lr_decay_style='step'"),
@@ -152,11 +151,25 @@ CASES = [
     ("depth-weights-sum", ["mtp.depth_weights=[0.5,0.2]"], None, "mtp.depth_weights must sum to 1"),
     ("depth-weights-without-mtp", ["mtp=off", "mtp.depth_weights=[1.0]"], None, "with mtp.num_depths=0"),
     ("lambda-kind", ["mtp.lambda_schedule.kind=exponential"], None, "mtp.lambda_schedule.kind='exponential'"),
+    # -- a λ schedule carries only the fields of its kind (every kind x field: tests/train/test_presets.py)
     (
-        "lambda-fields-ignored",
+        "constant-lambda-with-boundaries",
         ["mtp.lambda_schedule.boundaries_tokens=[100]"],
         None,
-        "kind='constant' ignores",
+        "error: mtp.lambda_schedule.boundaries_tokens=[100.0] is not used by kind='constant' (a constant λ "
+        "takes only value); set mtp.lambda_schedule.boundaries_tokens=null, or kind=piecewise, which uses it",
+    ),
+    (
+        "piecewise-lambda-with-value",
+        ["mtp=deepseek_v3", "mtp.lambda_schedule.value=0.2"],
+        None,
+        "error: mtp.lambda_schedule.value=0.2 is not used by kind='piecewise'",
+    ),
+    (
+        "kind-changed-keeps-the-old-value",
+        ["mtp.lambda_schedule.kind=linear", "mtp.lambda_schedule.end_tokens=1000"],
+        None,
+        "error: mtp.lambda_schedule.value=0.1 is not used by kind='linear'",
     ),
     ("layers-vs-stages", ["parallel=pp2", "model.num_layers=3"], None, "model.num_layers=3 cannot be split"),
     (

@@ -99,7 +99,7 @@ def test_installed_wheel_composes_a_config_outside_the_checkout(wheel, tmp_path)
             "--cfg",
             "job",
             "experiment=toy_demo",
-            "training.train_iters=7",
+            "training.train_iters=17",
         ],
         cwd=tmp_path,
         env=env,
@@ -108,5 +108,7 @@ def test_installed_wheel_composes_a_config_outside_the_checkout(wheel, tmp_path)
         timeout=120,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "train_iters: 7" in run.stdout and "num_depths: 2" in run.stdout, run.stdout
+    assert "train_iters: 17" in run.stdout and "num_depths: 2" in run.stdout, run.stdout
+    # The preset's group options (mtp/deepseek_v3_scaled, training/toy_demo) ship too; the summary line.
+    assert run.stdout.startswith("# MTP D = 2 (w_k = 1/D), λ 0.3, then 0.1 from "), run.stdout[:300]
     assert not (tmp_path / "outputs").exists()  # --cfg prints the config and runs nothing

@@ -3,6 +3,8 @@ naming the field and the fix, the log line parses, and the Hydra app trains the 
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_dir
 from train_tiny import TINY_MODEL_OVERRIDES, by_step, run_app, train_exit_and_resume, write_tiny_corpus
@@ -303,8 +305,14 @@ def test_toy_experiment_trains_20_steps_and_every_depth_loss_falls(tmp_path):
             train_lines[-1][key],
         )
         assert valid_lines[-1][key] < valid_lines[0][key], key
-    # λ follows DeepSeek-V3's schedule scaled to the run: 0.3, then 0.1 after 2/3 of the tokens.
+    # λ follows DeepSeek-V3's schedule scaled to the run: 0.3, then 0.1 after 2/3 of the tokens, from
+    # the iteration the start-up summary names (issue 16).
     assert train_lines[0]["mtp lambda"] == 0.3 and train_lines[-1]["mtp lambda"] == 0.1
+    (summary,) = [line for line in proc.stdout.splitlines() if line.startswith(" MTP D = ")]
+    switch = int(re.search(r"then 0.1 from [\d,]+ tokens \(iteration (\d+) of 20\)", summary).group(1))
+    lam = by_step(logs.read_scalars(run_dir / "tensorboard" / logs.ScalarWriter.JSONL_NAME), "mtp lambda")
+    assert switch == min(step for step, value in lam.items() if value == 0.1) == 15, (summary, lam)
+    assert "D = 2" in summary and "4096-token chunks" in summary
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000020"
     assert (run_dir / "tensorboard" / "loss_curves.png").stat().st_size > 10_000
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
