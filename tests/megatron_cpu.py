@@ -57,9 +57,10 @@ def install_cpu_shims(*, cuda_to_cpu_mode: bool = True) -> None:
     del cuda_to_cpu_mode  # always on: pp>1 schedules allocate on "cuda"
     enable_megatron_on_cpu()
     # Native GPTModels built by the tests need the same 0.16.1 fix the plugin's model applies.
-    from mtp_plugin.megatron.compat import ensure_moe_router_without_te
+    from mtp_plugin.megatron.compat import ensure_mla_without_te, ensure_moe_router_without_te
 
     ensure_moe_router_without_te()
+    ensure_mla_without_te()
     dispatcher = importlib.import_module("megatron.core.transformer.moe.token_dispatcher")
     alltoall = dispatcher.MoEAlltoAllTokenDispatcher
     if getattr(alltoall, "cuda_dtoh_stream", None) is None:
@@ -102,12 +103,41 @@ class TinyGPT:
     share_embeddings_and_output_weights: bool = True
     position_embedding_type: str = "rope"
     calculate_per_token_loss: bool = False
+    # DeepSeek-V3's attention and routing at toy size: MLA (q LoRA, latent norms, YaRN) and sigmoid
+    # scores with the balancing bias, node-limited groups and a scaling factor (MoE only).
+    deepseek_v3: bool = False
+
+
+# MLA and router fields of a tiny DeepSeek-V3-shaped TransformerConfig (hidden 32, 4 heads).
+TINY_MLA_FIELDS: dict[str, Any] = dict(
+    q_lora_rank=16,
+    kv_lora_rank=8,
+    qk_head_dim=8,
+    qk_pos_emb_head_dim=4,
+    v_head_dim=8,
+    qk_layernorm=True,
+    rope_type="yarn",
+    rotary_scaling_factor=4.0,
+    original_max_position_embeddings=8,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
+TINY_SIGMOID_ROUTER_FIELDS: dict[str, Any] = dict(
+    moe_router_score_function="sigmoid",
+    moe_router_enable_expert_bias=True,
+    moe_router_num_groups=2,
+    moe_router_group_topk=1,
+    moe_router_topk_scaling_factor=2.5,
+    moe_router_load_balancing_type="seq_aux_loss",
+    moe_aux_loss_coeff=1e-2,
+    moe_router_dtype="fp32",
+)
 
 
 def tiny_transformer_config(model: TinyGPT, **overrides: Any):
     """TransformerConfig for `model` matching the parallel state already initialised."""
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     kwargs: dict[str, Any] = dict(
         num_layers=model.num_layers,
@@ -145,8 +175,12 @@ def tiny_transformer_config(model: TinyGPT, **overrides: Any):
             moe_grouped_gemm=False,
             moe_ffn_hidden_size=model.ffn_hidden_size,
         )
+        if model.deepseek_v3:
+            kwargs.update(TINY_SIGMOID_ROUTER_FIELDS)
+    if model.deepseek_v3:
+        kwargs.update(TINY_MLA_FIELDS)
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return (MLATransformerConfig if model.deepseek_v3 else TransformerConfig)(**kwargs)
 
 
 def build_tiny_gpt(model: TinyGPT, **config_overrides: Any):
@@ -163,8 +197,17 @@ def build_tiny_gpt(model: TinyGPT, **config_overrides: Any):
 
     config = tiny_transformer_config(model, **config_overrides)
     layer_spec = get_gpt_layer_local_spec(
-        num_experts=model.num_moe_experts, moe_grouped_gemm=False, normalization="RMSNorm"
+        num_experts=model.num_moe_experts,
+        moe_grouped_gemm=False,
+        normalization="RMSNorm",
+        qk_layernorm=config.qk_layernorm,
+        multi_latent_attention=config.multi_latent_attention,
     )
+    if config.multi_latent_attention:
+        # Megatron's local DotProductAttention cannot take MLA's head widths (mtp_plugin/megatron/mla.py).
+        from mtp_plugin.megatron.mla import with_local_mla_attention
+
+        layer_spec = with_local_mla_attention(layer_spec)
     mtp_block_spec = None
     if model.mtp_num_layers:
         mtp_block_spec = get_gpt_mtp_block_spec(config, layer_spec, use_transformer_engine=False)

@@ -66,9 +66,12 @@ def transformer_config_from(
     pipeline_layout: str | None = None,
     **overrides,
 ):
-    """A Megatron TransformerConfig for a DeepSeek-shaped (RMSNorm, SwiGLU, RoPE, optional MoE) GPT."""
+    """A Megatron TransformerConfig for a DeepSeek-shaped (RMSNorm, SwiGLU, RoPE, optional MoE) GPT.
+
+    With `model.multi_latent_attention` it is Megatron's `MLATransformerConfig` (MLA and its RoPE/YaRN).
+    """
     import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
     plan = check_supported(model, parallel, mtp, pipeline_layout=pipeline_layout)
     kwargs = dict(
@@ -77,7 +80,8 @@ def transformer_config_from(
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups,
         ffn_hidden_size=model.ffn_hidden_size,
-        kv_channels=model.hidden_size // model.num_attention_heads,
+        kv_channels=None if model.multi_latent_attention else model.hidden_size // model.num_attention_heads,
+        qk_layernorm=model.qk_layernorm,
         normalization="RMSNorm",
         layernorm_epsilon=1e-6,
         gated_linear_unit=True,
@@ -109,6 +113,22 @@ def transformer_config_from(
         apply_rope_fusion=False,
         persist_layer_norm=False,
     )
+    if model.multi_latent_attention:
+        kwargs.update(
+            q_lora_rank=model.q_lora_rank,
+            kv_lora_rank=model.kv_lora_rank,
+            qk_head_dim=model.qk_head_dim,
+            qk_pos_emb_head_dim=model.qk_pos_emb_head_dim,
+            v_head_dim=model.v_head_dim,
+            rope_type=model.rope_type,
+            rotary_base=model.rotary_base,
+            rotary_scaling_factor=model.rotary_scaling_factor,
+            original_max_position_embeddings=model.original_max_position_embeddings,
+            beta_fast=model.beta_fast,
+            beta_slow=model.beta_slow,
+            mscale=model.mscale,
+            mscale_all_dim=model.mscale_all_dim,
+        )
     if model.is_moe:
         kwargs.update(
             num_moe_experts=model.num_experts,
@@ -119,8 +139,17 @@ def transformer_config_from(
             + [1] * (model.num_layers - model.first_dense_layers),
             moe_token_dispatcher_type=model.moe_token_dispatcher_type,
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
-            moe_router_load_balancing_type="aux_loss" if model.moe_aux_loss_coeff > 0 else "none",
+            moe_router_load_balancing_type=model.load_balancing_type,
+            moe_router_score_function=model.moe_router_score_function,
+            moe_router_pre_softmax=model.moe_router_pre_softmax,
+            moe_router_enable_expert_bias=model.moe_router_enable_expert_bias,
+            moe_router_bias_update_rate=model.moe_router_bias_update_rate,
+            moe_router_num_groups=model.moe_router_num_groups,
+            moe_router_group_topk=model.moe_router_group_topk,
+            moe_router_topk_scaling_factor=model.moe_router_topk_scaling_factor,
+            moe_router_dtype=model.moe_router_dtype,
             moe_grouped_gemm=False,
         )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    config_cls = MLATransformerConfig if model.multi_latent_attention else TransformerConfig
+    return config_cls(**kwargs)

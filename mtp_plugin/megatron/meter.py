@@ -60,12 +60,14 @@ import torch.distributed as dist
 from mtp_plugin.accounting.flops import (
     AttentionShape,
     LayerShape,
+    MLAShape,
     MLPShape,
     ModelShape,
     MoEShape,
     attention_projection_flops,
     attention_score_flops,
     linear_flops,
+    mla_projection_flops,
     mlp_flops,
     model_forward_flops,
     output_head_flops,
@@ -97,10 +99,16 @@ def _moe_layer_count(config) -> int:
     return sum(int(f) for f in freq)
 
 
-def _attention_shape(config) -> AttentionShape:
+def _attention_shape(config) -> AttentionShape | MLAShape:
     if getattr(config, "multi_latent_attention", False):
-        raise NotImplementedError(
-            "RhoMeter does not count multi-latent attention (MLA) yet; the plugin's models use MHA/GQA"
+        return MLAShape(
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            q_lora_rank=config.q_lora_rank,
+            kv_lora_rank=config.kv_lora_rank,
+            qk_nope_head_dim=config.qk_head_dim,
+            qk_rope_head_dim=config.qk_pos_emb_head_dim,
+            v_head_dim=config.v_head_dim,
         )
     return AttentionShape(
         hidden_size=config.hidden_size,
@@ -277,12 +285,15 @@ class RhoMeter:
         padded_vocab = model.vocab_size
         self._n_active = n_active_from_config(config, padded_vocab)
         attention = _attention_shape(config)
+        projection_flops = (
+            mla_projection_flops if isinstance(attention, MLAShape) else attention_projection_flops
+        )
         causal_half = self.causal_half
         add = self.tally.add
 
         def on_attention(args, kwargs, out, mult):
             tokens = _tokens(_tensor_arg(args, kwargs, 0, "hidden_states")) * sp
-            add("attention_projections", mult * attention_projection_flops(attention, tokens) / tp)
+            add("attention_projections", mult * projection_flops(attention, tokens) / tp)
 
         def on_scores(args, kwargs, out, mult):
             query = _tensor_arg(args, kwargs, 0, "query")

@@ -40,7 +40,8 @@ from megatron.core.utils import make_viewless_tensor
 
 from mtp_plugin.config import ModelConfig, MTPConfig
 from mtp_plugin.core import MTPDepth, MTPStack, depth_targets, linear_cross_entropy, shift_left
-from mtp_plugin.megatron.compat import ensure_moe_router_without_te
+from mtp_plugin.megatron.compat import ensure_mla_without_te, ensure_moe_router_without_te
+from mtp_plugin.megatron.mla import with_local_mla_attention
 
 
 class MTPProjection(MegatronModule):
@@ -107,18 +108,22 @@ def _with_norm(spec, norm):
 def trunk_layer_spec(config: TransformerConfig, *, vp_stage=None):
     """The trunk's spec: a per-layer block spec for MoE (dense first layers, then MoE), else one local spec.
 
-    With sequence parallel, every norm (each layer's and the block's final one) is `SequenceParallelRMSNorm`.
+    Megatron's block spec reads `multi_latent_attention` and `qk_layernorm` from the config, so an MLA
+    config gets MLASelfAttention layers. With sequence parallel, every norm (each layer's and the block's
+    final one) is `SequenceParallelRMSNorm`.
     """
-    if config.num_moe_experts or config.sequence_parallel:
+    if config.num_moe_experts or config.sequence_parallel or config.multi_latent_attention:
         block = get_gpt_decoder_block_spec(
             config, use_transformer_engine=False, normalization=config.normalization, vp_stage=vp_stage
         )
+        block = with_local_mla_attention(block)
         return _with_norm(block, SequenceParallelRMSNorm) if config.sequence_parallel else block
-    return get_gpt_layer_local_spec(normalization=config.normalization)
+    return get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization=config.normalization)
 
 
 def last_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
-    """The spec of the trunk's last decoder layer (MoE when the trunk ends in MoE), for every MTP depth."""
+    """The spec of the trunk's last decoder layer (MoE when the trunk ends in MoE, MLA when it has MLA),
+    for every MTP depth."""
     freq = config.moe_layer_freq
     last_is_moe = bool(config.num_moe_experts) and (
         (isinstance(freq, int) and (config.num_layers - 1) % freq == 0)
@@ -127,8 +132,11 @@ def last_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
     spec = get_gpt_layer_local_spec(
         num_experts=config.num_moe_experts if last_is_moe else None,
         moe_grouped_gemm=config.moe_grouped_gemm,
+        qk_layernorm=config.qk_layernorm,
+        multi_latent_attention=config.multi_latent_attention,
         normalization=config.normalization,
     )
+    spec = with_local_mla_attention(spec)
     return _with_norm(spec, SequenceParallelRMSNorm) if config.sequence_parallel else spec
 
 
@@ -204,6 +212,8 @@ class MTPGPTModel(GPTModel):
     ) -> None:
         if config.num_moe_experts:
             ensure_moe_router_without_te()
+        if config.multi_latent_attention:
+            ensure_mla_without_te()
         num_depths = config.mtp_num_layers or 0
         if mtp_stage is None:
             mtp_stage = _mtp_stage_of(config)

@@ -52,7 +52,15 @@ def _grads(model, rename=lambda n: n):
     return {rename(n): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _parity_worker(num_depths: int, num_experts: int | None, tied: bool, chunk_tokens: int):
+def _randomise_expert_bias(model, seed: int) -> None:
+    """Give every router's balancing bias distinct values, as after some steps, so that it selects experts."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, buffer in model.named_buffers():
+        if name.endswith("expert_bias"):
+            buffer.copy_(torch.randn(buffer.shape, generator=gen) * 0.5)
+
+
+def _parity_worker(num_depths: int, num_experts: int | None, tied: bool, chunk_tokens: int, deepseek_v3: bool):
     from megatron_cpu import TinyGPT, forward_backward, make_microbatches, plugin_forward_backward
 
     from mtp_plugin.megatron import MTPMetrics
@@ -63,8 +71,21 @@ def _parity_worker(num_depths: int, num_experts: int | None, tied: bool, chunk_t
         mtp_num_layers=num_depths,
         mtp_loss_scaling_factor=LAMBDA,
         share_embeddings_and_output_weights=tied,
+        deepseek_v3=deepseek_v3,
     )
-    native, plugin = _native_and_plugin(shape, chunk_tokens=chunk_tokens)
+    if deepseek_v3:
+        from megatron_cpu import build_tiny_gpt, build_tiny_plugin_gpt
+
+        native = build_tiny_gpt(shape)
+        _randomise_expert_bias(native, seed=11)
+        plugin = build_tiny_plugin_gpt(shape, loss_chunk_tokens=chunk_tokens)
+        load_native_weights(plugin, native.state_dict())
+        # MTP blocks are built from the trunk's last layer: MLA attention and a sigmoid-routed MoE.
+        depth = plugin.mtp_stack.depths[0].block.layer
+        assert type(depth.self_attention).__name__ == "MLASelfAttention"
+        assert depth.mlp.router.score_function == "sigmoid" and depth.mlp.router.expert_bias is not None
+    else:
+        native, plugin = _native_and_plugin(shape, chunk_tokens=chunk_tokens)
     batches = make_microbatches(shape, NUM_MICROBATCHES, 2, seed=7, mask_tail=2)
     native_out = forward_backward(native, batches)
     metrics = MTPMetrics(num_depths)
@@ -89,12 +110,35 @@ CASES = [
     pytest.param(2, 4, False, 7, id="moe-D2-untied-chunked"),
     pytest.param(3, 4, False, 0, id="moe-D3-untied"),
 ]
+# MLA trunk (q LoRA, latent norms, YaRN) with sigmoid routing, a non-zero balancing bias, node-limited
+# groups, a topk scaling factor and the sequence-wise aux loss.
+DEEPSEEK_CASES = [
+    pytest.param(2, 4, False, 5, id="mla-sigmoid-D2-untied-chunked"),
+    pytest.param(1, 4, True, 0, id="mla-sigmoid-D1-tied"),
+]
 
 
 @pytest.mark.parametrize(("num_depths", "num_experts", "tied", "chunk_tokens"), CASES)
 def test_plugin_matches_native_mtp(num_depths, num_experts, tied, chunk_tokens):
+    _check_parity(num_depths, num_experts, tied, chunk_tokens, deepseek_v3=False)
+
+
+@pytest.mark.parametrize(("num_depths", "num_experts", "tied", "chunk_tokens"), DEEPSEEK_CASES)
+def test_mla_sigmoid_trunk_matches_native_mtp(num_depths, num_experts, tied, chunk_tokens):
+    _check_parity(num_depths, num_experts, tied, chunk_tokens, deepseek_v3=True)
+
+
+def _check_parity(num_depths, num_experts, tied, chunk_tokens, *, deepseek_v3):
     (out,) = run_distributed(
-        _parity_worker, 1, num_depths, num_experts, tied, chunk_tokens, parallel=dict(), timeout=180
+        _parity_worker,
+        1,
+        num_depths,
+        num_experts,
+        tied,
+        chunk_tokens,
+        deepseek_v3,
+        parallel=dict(),
+        timeout=180,
     )
     assert out["plugin_lm"] == pytest.approx(out["native_lm"], rel=1e-6)
     # Every micro-batch has the same number of valid targets, so the token-weighted mean over
