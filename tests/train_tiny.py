@@ -61,7 +61,7 @@ def tiny_model_config(**overrides):
     from mtp_plugin.config import ModelConfig
 
     fields = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, seq_length=32)
-    return ModelConfig(**fields, vocab_size=VOCAB, **overrides)
+    return ModelConfig(**{**fields, "vocab_size": VOCAB, **overrides})
 
 
 def tiny_experiment(train_prefix: str, valid_prefix: str | None, *, pp: int = 1, **training):

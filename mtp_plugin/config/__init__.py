@@ -1,5 +1,6 @@
 """Typed configuration dataclasses (the schema); Hydra YAML under hydra_configs/ only fills them."""
 
+from mtp_plugin.config.cluster import ClusterConfig
 from mtp_plugin.config.model import ModelConfig
 from mtp_plugin.config.mtp import LambdaScheduleConfig, MTPConfig
 from mtp_plugin.config.parallel import ParallelConfig
@@ -7,6 +8,7 @@ from mtp_plugin.config.training import BackendConfig, DataConfig, ExperimentConf
 
 __all__ = [
     "BackendConfig",
+    "ClusterConfig",
     "DataConfig",
     "ExperimentConfig",
     "LambdaScheduleConfig",

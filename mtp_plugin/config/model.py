@@ -144,9 +144,13 @@ class ModelConfig:
     def _check_mla(self) -> None:
         for name in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
             if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1 with multi_latent_attention, got {getattr(self, name)}")
+                raise ValueError(
+                    f"model.{name} must be >= 1 with multi_latent_attention, got {getattr(self, name)}"
+                )
         if self.q_lora_rank is not None and self.q_lora_rank < 1:
-            raise ValueError(f"model.q_lora_rank must be >= 1 or null (no query LoRA), got {self.q_lora_rank}")
+            raise ValueError(
+                f"model.q_lora_rank must be >= 1 or null (no query LoRA), got {self.q_lora_rank}"
+            )
         if self.qk_pos_emb_head_dim % 2:
             raise ValueError(
                 f"model.qk_pos_emb_head_dim={self.qk_pos_emb_head_dim} must be even (RoPE rotates pairs of "
@@ -204,7 +208,10 @@ class ModelConfig:
                 raise ValueError(
                     f"model.moe_router_group_topk={group_topk} must be in [1, moe_router_num_groups={groups}]"
                 )
-            if self.moe_router_topk % group_topk or self.moe_router_topk // group_topk > self.num_experts // groups:
+            if (
+                self.moe_router_topk % group_topk
+                or self.moe_router_topk // group_topk > self.num_experts // groups
+            ):
                 raise ValueError(
                     f"model.moe_router_topk={self.moe_router_topk} must be a multiple of moe_router_group_topk="
                     f"{group_topk} with at most {self.num_experts // groups} experts per group (Megatron scores a "
@@ -218,7 +225,11 @@ class ModelConfig:
             )
         if self.moe_router_dtype not in (None, "fp32", "fp64"):
             raise ValueError(f"model.moe_router_dtype={self.moe_router_dtype!r}; use fp32, fp64 or null")
-        if self.moe_router_topk == 1 and self.moe_router_score_function == "softmax" and not self.moe_router_pre_softmax:
+        if (
+            self.moe_router_topk == 1
+            and self.moe_router_score_function == "softmax"
+            and not self.moe_router_pre_softmax
+        ):
             raise ValueError(
                 "model.moe_router_topk=1 with softmax over the chosen expert has a zero router gradient; set "
                 "model.moe_router_pre_softmax=true, moe_router_topk >= 2 or moe_router_score_function=sigmoid"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+RECOMPUTE_MODULES = ("core_attn", "mlp", "moe", "moe_act", "layernorm", "mla_up_proj", "shared_experts")
 
 
 @dataclass(kw_only=True)
@@ -10,6 +12,11 @@ class ParallelConfig:
     """Megatron-style model parallel sizes; data parallel is what is left of the world size.
 
     Expert parallel ranks are carved out of data parallel x context parallel, as in Megatron-Core.
+
+    Activation recompute (Megatron's TransformerConfig fields of the same names, trunk layers only):
+    recompute_granularity null | "full" (whole layers: recompute_method "uniform" groups of / "block"
+    the first recompute_num_layers layers of each stage) | "selective" (recompute_modules of each
+    layer, from RECOMPUTE_MODULES; Megatron's default is core_attn).
     """
 
     tensor_model_parallel_size: int = 1
@@ -19,6 +26,10 @@ class ParallelConfig:
     sequence_parallel: bool = False
     # Megatron `pipeline_model_parallel_layout` string (e.g. "Et*2|t*2m|L"); None plans it from mtp.placement.
     pipeline_layout: str | None = None
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    recompute_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name in (
@@ -32,6 +43,37 @@ class ParallelConfig:
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError(
                 "parallel.sequence_parallel needs tensor_model_parallel_size > 1; set it to false"
+            )
+        self._check_recompute()
+
+    def _check_recompute(self) -> None:
+        granularity = self.recompute_granularity
+        if granularity not in (None, "full", "selective"):
+            raise ValueError(f"parallel.recompute_granularity={granularity!r}; use full, selective or null")
+        if granularity == "full":
+            if self.recompute_method not in ("uniform", "block"):
+                raise ValueError(
+                    f"parallel.recompute_method={self.recompute_method!r} with recompute_granularity=full; "
+                    "use uniform or block"
+                )
+            if self.recompute_num_layers is None or self.recompute_num_layers < 1:
+                raise ValueError(
+                    "parallel.recompute_num_layers must be >= 1 with recompute_granularity=full "
+                    f"(got {self.recompute_num_layers}); e.g. 1 with recompute_method=uniform recomputes every layer"
+                )
+        elif self.recompute_method is not None or self.recompute_num_layers is not None:
+            raise ValueError(
+                "parallel.recompute_method / recompute_num_layers apply to recompute_granularity=full only; "
+                "set them to null"
+            )
+        unknown = sorted(set(self.recompute_modules) - set(RECOMPUTE_MODULES))
+        if unknown:
+            raise ValueError(
+                f"parallel.recompute_modules: unknown {unknown}; choose from {list(RECOMPUTE_MODULES)}"
+            )
+        if self.recompute_modules and granularity != "selective":
+            raise ValueError(
+                "parallel.recompute_modules needs recompute_granularity=selective; set it or clear the modules"
             )
 
     @property

@@ -12,6 +12,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 
+from mtp_plugin.config.cluster import ClusterConfig
 from mtp_plugin.config.model import ModelConfig
 from mtp_plugin.config.mtp import MTPConfig
 from mtp_plugin.config.parallel import ParallelConfig
@@ -257,6 +258,7 @@ class ExperimentConfig:
         default_factory=lambda: DataConfig(train_prefix="data_cache/demo/train_text_document")
     )
     backend: BackendConfig = field(default_factory=BackendConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         self.mtp.check_sequence_length(self.model.seq_length)
@@ -276,10 +278,11 @@ class ExperimentConfig:
                 f"parallel.expert_model_parallel_size={ep}; choose an expert-parallel size that divides it"
             )
         pp = self.parallel.pipeline_model_parallel_size
-        if self.model.num_layers % pp:
+        if self.model.num_layers % pp and self.parallel.pipeline_layout is None:
             raise ValueError(
                 f"model.num_layers={self.model.num_layers} cannot be split evenly across "
-                f"parallel.pipeline_model_parallel_size={pp} stages; choose a stage count that divides it"
+                f"parallel.pipeline_model_parallel_size={pp} stages; choose a stage count that divides it or "
+                "give the stages' layers in parallel.pipeline_layout (e.g. 'Et*4|t*4|...|tmL')"
             )
         if self.mtp.enabled and self.mtp.placement == "stage" and self.mtp.mtp_stage >= pp:
             raise ValueError(

@@ -24,6 +24,11 @@ def check_supported(
             f"model.num_experts={model.num_experts} is not divisible by parallel.expert_model_parallel_size="
             f"{parallel.expert_model_parallel_size}; change one of them"
         )
+    if model.multi_latent_attention and parallel.sequence_parallel:
+        raise ValueError(
+            "multi-latent attention with sequence parallel is not supported by the plugin's local spec (its "
+            "latent norms would need SequenceParallelRMSNorm); set parallel.sequence_parallel=false"
+        )
     if model.padded_vocab_size % parallel.tensor_model_parallel_size:
         raise ValueError(
             f"padded vocabulary {model.padded_vocab_size} is not divisible by tensor_model_parallel_size="
@@ -113,6 +118,14 @@ def transformer_config_from(
         apply_rope_fusion=False,
         persist_layer_norm=False,
     )
+    if parallel.recompute_granularity is not None:
+        kwargs.update(
+            recompute_granularity=parallel.recompute_granularity,
+            recompute_method=parallel.recompute_method,
+            recompute_num_layers=parallel.recompute_num_layers,
+        )
+        if parallel.recompute_modules:
+            kwargs["recompute_modules"] = list(parallel.recompute_modules)
     if model.multi_latent_attention:
         kwargs.update(
             q_lora_rank=model.q_lora_rank,

@@ -61,7 +61,10 @@ def with_local_mla_attention(spec):
     if isinstance(spec, TransformerBlockSubmodules):
         return dataclasses.replace(spec, layer_specs=[with_local_mla_attention(s) for s in spec.layer_specs])
     attention = spec.submodules.self_attention
-    if attention.module is not MLASelfAttention or attention.submodules.core_attention is not DotProductAttention:
+    if (
+        attention.module is not MLASelfAttention
+        or attention.submodules.core_attention is not DotProductAttention
+    ):
         return spec
     attention = ModuleSpec(
         module=attention.module,

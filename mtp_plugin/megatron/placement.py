@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import partial
 
 _TOKEN = re.compile(r"([EtmL])(?:\*(\d+))?")
+_GROUP = re.compile(r"\(([^()]+)\)\*(\d+)")
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,13 @@ def _ranks_of_stages(pp_ranks, *_, stages: tuple[int, ...]):
 
 
 def parse_layout(layout: str) -> tuple[str, ...]:
-    """'Et*2|t*2m|L' -> ('Ett', 'ttm', 'L'). Only `X*n` repetition is supported, not parentheses."""
+    """'Et*2|t*2m|L' -> ('Ett', 'ttm', 'L'); Megatron's grammar: `X*n`, `(...)*n` groups (which may hold
+    `|`, e.g. 'Et*4|(t*4|)*14,tmL'), and cosmetic commas."""
+    text = layout.replace(" ", "").replace(",", "")
+    while _GROUP.search(text):
+        text = _GROUP.sub(lambda m: m.group(1) * int(m.group(2)), text)
     stages = []
-    for part in layout.replace(" ", "").split("|"):
+    for part in text.split("|"):
         pos, expanded = 0, []
         while pos < len(part):
             match = _TOKEN.match(part, pos)

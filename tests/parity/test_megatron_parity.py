@@ -60,7 +60,9 @@ def _randomise_expert_bias(model, seed: int) -> None:
             buffer.copy_(torch.randn(buffer.shape, generator=gen) * 0.5)
 
 
-def _parity_worker(num_depths: int, num_experts: int | None, tied: bool, chunk_tokens: int, deepseek_v3: bool):
+def _parity_worker(
+    num_depths: int, num_experts: int | None, tied: bool, chunk_tokens: int, deepseek_v3: bool
+):
     from megatron_cpu import TinyGPT, forward_backward, make_microbatches, plugin_forward_backward
 
     from mtp_plugin.megatron import MTPMetrics
@@ -114,7 +116,6 @@ CASES = [
 # groups, a topk scaling factor and the sequence-wise aux loss.
 DEEPSEEK_CASES = [
     pytest.param(2, 4, False, 5, id="mla-sigmoid-D2-untied-chunked"),
-    pytest.param(1, 4, True, 0, id="mla-sigmoid-D1-tied"),
 ]
 
 

@@ -33,6 +33,8 @@ def _experiment(*overrides: str) -> ExperimentConfig:
 
 
 SHIPPED = [(group, option) for group, options in group_options().items() for option in options]
+# Options made for one model: composed with it (alone with the toy model they are refused, as they should be).
+COMPANIONS = {("parallel", "pp16_ep64"): ["model=deepseek_v3", "mtp=deepseek_v3"]}
 
 
 def test_groups_are_the_documented_ones():
@@ -40,13 +42,15 @@ def test_groups_are_the_documented_ones():
     assert {"model", "mtp", "parallel", "backend", "data", "training", "experiment"} <= set(groups)
     assert {"toy", "small"} <= set(groups["model"])
     assert {"off", "d1", "d2", "d3", "deepseek_v3"} <= set(groups["mtp"])
-    assert {"single", "pp2", "pp2_ep2"} <= set(groups["parallel"])
+    assert {"single", "pp2", "pp2_ep2", "pp16_ep64"} <= set(groups["parallel"])
+    assert {"toy", "small", "deepseek_v2_lite", "deepseek_v3"} <= set(groups["model"])
+    assert {"local", "slurm"} <= set(groups["cluster"])
     assert "toy_demo" in groups["experiment"]
 
 
 @pytest.mark.parametrize(("group", "option"), SHIPPED, ids=[f"{g}={o}" for g, o in SHIPPED])
 def test_every_shipped_config_composes_and_builds(group, option):
-    overrides = [f"{group}={option}"]
+    overrides = [f"{group}={option}", *COMPANIONS.get((group, option), [])]
     if group == "data" and option == "indexed":
         overrides.append("data.prefix=/some/corpus_text_document")
     experiment = _experiment(*overrides)

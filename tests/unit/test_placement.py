@@ -41,8 +41,11 @@ def test_explicit_layout_mtp_on_its_own_stage():
 
 def test_parse_layout():
     assert parse_layout("Et*3|t m*2|L") == ("Ettt", "tmm", "L")
+    # Megatron's grammar: (...)*n groups, which may span stages, and cosmetic commas.
+    assert parse_layout("E(t)*2|L") == ("Ett", "L")
+    assert parse_layout("Et*3|(tt|)*2,m|L") == ("Ettt", "tt", "tt", "m", "L")
     with pytest.raises(ValueError, match="cannot read"):
-        parse_layout("E(t)*2|L")
+        parse_layout("Et|x|L")
 
 
 @pytest.mark.parametrize(
