@@ -1,7 +1,10 @@
 """Tensor parallel: the vocab-parallel head and the column-parallel eh_proj give tp=1's losses and gradients.
 
 Megatron's CPU initialisation draws each full ("master") weight with the same RNG sequence and keeps
-this rank's slice, so a tp=2 model holds exactly the tp=1 weights, split.
+this rank's slice, so a tp=2 model holds exactly the tp=1 weights, split. Every parameter's gradient is
+compared (embedding, output head, trunk and MTP depths): a TP-split one is concatenated along the
+`partition_dim` Megatron records on it, after checking that the concatenated weights are the tp=1
+weights (so the concatenation is the right layout, qkv and fc1 included).
 """
 
 import pytest
@@ -26,12 +29,21 @@ def _tp_worker(chunk_tokens: int, tied: bool, sequence_parallel: bool):
     losses = plugin_forward_backward(
         model, make_microbatches(shape, 2, 2, seed=5, mask_tail=2), lam=0.3, metrics=metrics
     )
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if n.startswith("mtp_stack.")}
     return {
         "tp_rank": ps.get_tensor_model_parallel_rank(),
         "losses": losses,
         "metrics": metrics.reduce(),
-        "grads": grads,
+        "params": {
+            n: {
+                "weight": p.detach().clone(),
+                "grad": None if p.grad is None else p.grad.clone(),
+                # Megatron's own marks: which dim a TP-split weight is split on; which replicated
+                # weights see only this rank's slice of the sequence under sequence parallel.
+                "partition_dim": p.partition_dim if getattr(p, "tensor_model_parallel", False) else None,
+                "sequence_parallel": bool(getattr(p, "sequence_parallel", False)),
+            }
+            for n, p in model.named_parameters()
+        },
     }
 
 
@@ -56,18 +68,24 @@ def test_tp2_matches_tp1(chunk_tokens, tied, sequence_parallel):
         for mb_ref, mb in zip(ref["losses"], rank["losses"]):
             for key in mb_ref:
                 torch.testing.assert_close(mb[key], mb_ref[key], rtol=1e-5, atol=1e-6)
-    for name, grad in ref["grads"].items():
-        shards = [r["grads"][name] for r in sorted(tp, key=lambda r: r["tp_rank"])]
-        if shards[0].shape == grad.shape:  # replicated over TP: norms
-            if sequence_parallel:
-                # each rank normalised its own slice of the sequence: the partial gradients add up
-                # (finalize_model_grads sums them for params marked sequence_parallel)
-                torch.testing.assert_close(sum(shards), grad, rtol=1e-4, atol=1e-6, msg=name)
-            else:
-                for shard in shards:
-                    torch.testing.assert_close(shard, grad, rtol=1e-4, atol=1e-6, msg=name)
-        else:  # column-parallel (eh_proj, qkv, fc1) split on dim 0, row-parallel on dim 1
-            dim = 0 if shards[0].shape[0] != grad.shape[0] else 1
-            if "linear_qkv" in name or "linear_fc1" in name:
-                continue  # interleaved per-head / gate-up layouts: not a plain concatenation
-            torch.testing.assert_close(torch.cat(shards, dim=dim), grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert all(p["grad"] is not None for p in ref["params"].values()), "tp=1: a parameter got no gradient"
+    ranks = sorted(tp, key=lambda r: r["tp_rank"])
+    for rank in ranks:
+        assert set(rank["params"]) == set(ref["params"])
+    for name, full in ref["params"].items():
+        shards = [rank["params"][name] for rank in ranks]
+        dim = shards[0]["partition_dim"]
+        if dim is not None:  # split over TP (vocab-parallel embedding and head, column/row-parallel linears)
+            torch.testing.assert_close(
+                torch.cat([s["weight"] for s in shards], dim), full["weight"], msg=name
+            )
+            grad = torch.cat([s["grad"] for s in shards], dim)
+        elif shards[0]["sequence_parallel"] and sequence_parallel:
+            # each rank normalised its own slice of the sequence: the partial gradients add up
+            # (finalize_model_grads sums them for params marked sequence_parallel)
+            grad = sum(s["grad"] for s in shards)
+        else:  # replicated: every rank holds the whole gradient
+            for shard in shards[1:]:
+                torch.testing.assert_close(shard["grad"], shards[0]["grad"], rtol=1e-5, atol=1e-7, msg=name)
+            grad = shards[0]["grad"]
+        torch.testing.assert_close(grad, full["grad"], rtol=1e-4, atol=1e-6, msg=name)
