@@ -69,6 +69,8 @@ SCALE_RULES: dict[str, Any] = {
     "untie_embeddings_and_output_weights": KEEP,
     "init_method_std": KEEP,
     "rotary_base": KEEP,
+    "hidden_dropout": KEEP,
+    "attention_dropout": KEEP,
 }
 
 
