@@ -18,7 +18,7 @@ from mtp_plugin.config.mtp import MTPConfig
 from mtp_plugin.config.parallel import ParallelConfig
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine")
-BACKENDS = ("megatron",)  # "deepspeed" joins when its adapter lands
+BACKENDS = ("megatron", "deepspeed")
 
 
 @dataclass(kw_only=True)
@@ -223,6 +223,15 @@ class DataConfig:
                     )
 
 
+# BackendConfig fields only backend=deepspeed reads, with their defaults.
+DEEPSPEED_ONLY_DEFAULTS = {
+    "zero_stage": 1,
+    "ds_config": None,
+    "moe_capacity_factor": 0.0,
+    "moe_min_capacity": 4,
+}
+
+
 @dataclass(kw_only=True)
 class BackendConfig:
     """Which framework trains the model, and its numeric settings (the `backend/` group).
@@ -231,18 +240,58 @@ class BackendConfig:
     use_distributed_optimizer: shard optimizer state across data-parallel ranks (Megatron's ZeRO-1).
     deterministic: bit-reproducible GPU runs (Megatron-LM's --deterministic-mode: deterministic torch
       kernels, cuBLAS's fixed workspace, NCCL rings); slower. CPU runs are deterministic without it.
+
+    backend=deepspeed only (`mtp_plugin.deepspeed`):
+    zero_stage: DeepSpeed ZeRO stage, 1 (optimizer state sharded over data-parallel ranks) or 0; the
+      pipeline engine refuses 2 and 3.
+    ds_config: a DeepSpeed JSON config whose keys override the generated one; keys that contradict the
+      plugin's config (batch sizes, ZeRO stage, precision, gradient clipping) are refused, naming both values.
+    moe_capacity_factor: DeepSpeed's MoE capacity factor; 0 routes every token to its k experts (dropless,
+      as Megatron's default MoE), > 0 drops tokens beyond it. moe_min_capacity: DeepSpeed's min_capacity.
     """
 
     name: str = "megatron"
     params_dtype: str = "float32"
     use_distributed_optimizer: bool = False
     deterministic: bool = False
+    zero_stage: int = 1
+    ds_config: str | None = None
+    moe_capacity_factor: float = 0.0
+    moe_min_capacity: int = 4
 
     def __post_init__(self) -> None:
         if self.name not in BACKENDS:
             raise ValueError(f"backend.name={self.name!r} is not available; use one of {BACKENDS}")
         if self.params_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"backend.params_dtype={self.params_dtype!r}; use float32 or bfloat16")
+        if self.name != "deepspeed":
+            for field_name, default in DEEPSPEED_ONLY_DEFAULTS.items():
+                if getattr(self, field_name) != default:
+                    raise ValueError(
+                        f"backend.{field_name}={getattr(self, field_name)!r} applies to backend=deepspeed only; "
+                        f"drop it or use backend=deepspeed"
+                    )
+            return
+        if self.use_distributed_optimizer:
+            raise ValueError(
+                "backend.use_distributed_optimizer is Megatron's; with backend=deepspeed set backend.zero_stage=1"
+            )
+        if self.zero_stage not in (0, 1):
+            raise ValueError(
+                f"backend.zero_stage={self.zero_stage}: DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 "
+                "only (ZeRO-2/3 partition gradients the pipeline schedule accumulates); use backend.zero_stage=1"
+            )
+        if self.moe_capacity_factor < 0:
+            raise ValueError(
+                f"backend.moe_capacity_factor={self.moe_capacity_factor} must be >= 0 (0 = dropless routing)"
+            )
+        if self.moe_min_capacity < 1:
+            raise ValueError(f"backend.moe_min_capacity={self.moe_min_capacity} must be >= 1")
+        if self.deterministic:
+            raise ValueError(
+                "backend.deterministic is Megatron-LM's --deterministic-mode; backend=deepspeed has no such "
+                "switch here: drop it"
+            )
 
 
 @dataclass(kw_only=True)

@@ -246,22 +246,16 @@ def validate_for_launch(
     """
     try:
         experiment.check_world_size(world_size)
-        if not cuda and experiment.training.clip_grad > 0:
-            raise ValueError(
-                f"training.clip_grad={experiment.training.clip_grad}: Megatron's gradient clipping needs CUDA "
-                "tensors; set training.clip_grad=0 on CPU (the grad norm is still logged)"
-            )
-        if not cuda:
-            from mtp_plugin.train.cpu import check_cpu_run
-
-            check_cpu_run(experiment.model)
         if not cuda and experiment.backend.params_dtype != "float32":
             raise ValueError(
                 "backend.params_dtype=bfloat16 needs a GPU; use backend.params_dtype=float32 on CPU"
             )
-        from mtp_plugin.megatron import check_supported
+        if experiment.backend.name == "deepspeed":
+            from mtp_plugin.deepspeed.config import check_experiment
 
-        check_supported(experiment.model, experiment.parallel, experiment.mtp)
+            check_experiment(experiment)
+        else:
+            _check_megatron_launch(experiment, cuda=cuda)
     except ValueError as err:
         raise ConfigError(f"error: {err}") from None
     # Files last: every configuration error is reported even before the corpus has been prepared.
@@ -274,6 +268,21 @@ def validate_for_launch(
     except (ValueError, OSError) as err:
         raise ConfigError(f"error: {err}") from None
     return notices
+
+
+def _check_megatron_launch(experiment: ExperimentConfig, *, cuda: bool) -> None:
+    if not cuda and experiment.training.clip_grad > 0:
+        raise ValueError(
+            f"training.clip_grad={experiment.training.clip_grad}: Megatron's gradient clipping needs CUDA "
+            "tensors; set training.clip_grad=0 on CPU (the grad norm is still logged)"
+        )
+    if not cuda:
+        from mtp_plugin.train.cpu import check_cpu_run
+
+        check_cpu_run(experiment.model)
+    from mtp_plugin.megatron import check_supported
+
+    check_supported(experiment.model, experiment.parallel, experiment.mtp)
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -422,6 +431,10 @@ def train_from_config(
 
     quiet_megatron()
     experiment, notices = launch_experiment(cfg, output_dir, scan_tokens=scan_tokens)
+    if experiment.backend.name == "deepspeed":
+        raise ConfigError(
+            "error: backend=deepspeed does not train through the app yet; build it with mtp_plugin.deepspeed"
+        )
     # Megatron is imported only now, after every check that could reject the configuration.
     from mtp_plugin.train import logs
     from mtp_plugin.train.loop import run

@@ -1,0 +1,155 @@
+"""DeepSpeed on CPU over gloo for tests: the one shim, tiny configs and a pipeline training worker.
+
+The shim: DeepSpeed's first `init_distributed` JIT-compiles a shared-memory all-reduce op (45-100 s on two
+cores) that only inference all-reduce uses; `build_shm_op` is replaced by a no-op so that DeepSpeed falls
+back to torch.distributed (gloo). `import deepspeed.comm.torch as m` would bind the torch package itself
+(deepspeed.comm re-exports a `torch` name), hence importlib.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+from mtp_plugin.config import ModelConfig, MTPConfig
+
+
+def init_deepspeed_cpu() -> None:
+    """Call in a worker whose torch.distributed (gloo) is initialised, before anything builds a model."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    comm_torch = importlib.import_module("deepspeed.comm.torch")
+    comm_torch.build_shm_op = lambda: None
+    import deepspeed
+
+    deepspeed.init_distributed("gloo")
+
+
+def tiny_moe_model(**overrides) -> ModelConfig:
+    """4 layers (1 dense + 3 MoE of 4 experts, top-2), hidden 32, vocabulary 96: every stage of 2 holds MoE."""
+    fields = dict(
+        num_layers=4,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=64,
+        seq_length=16,
+        vocab_size=96,
+        make_vocab_size_divisible_by=32,
+        num_experts=4,
+        moe_router_topk=2,
+        moe_ffn_hidden_size=32,
+        moe_shared_expert_size=32,
+        first_dense_layers=1,
+        moe_aux_loss_coeff=0.01,
+    )
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def pattern_samples(num_samples: int, seq_length: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """[num_samples, seq_length + 1] windows of t_(i+1) = t_i + step (mod V), a random start and step per
+    window: every depth's target is predictable from the window so far, so every depth's loss can fall."""
+    gen = torch.Generator().manual_seed(seed)
+    start = torch.randint(0, vocab_size, (num_samples, 1), generator=gen)
+    step = torch.randint(1, 4, (num_samples, 1), generator=gen)
+    return (start + step * torch.arange(seq_length + 1)) % vocab_size
+
+
+def pipe_batches(
+    samples: torch.Tensor, *, micro_batch_size: int, dp_rank: int, dp_size: int, first_step: int = 0
+):
+    """DeepSpeed pipeline micro-batches ((tokens,), (labels, loss_mask)); this rank's n-th micro-batch is window
+    block n * dp + dp_rank, so data-parallel ranks read disjoint blocks and one rank reads what dp=1 would."""
+    num = samples.shape[0] // micro_batch_size
+    index = first_step * dp_size + dp_rank
+    while True:
+        i = (index % num) * micro_batch_size
+        window = samples[i : i + micro_batch_size]
+        yield (
+            (window[:, :-1].contiguous(),),
+            (
+                window[:, 1:].contiguous(),
+                torch.ones(window.shape[0], window.shape[1] - 1),
+            ),
+        )
+        index += dp_size
+
+
+def train_pipeline(
+    model: ModelConfig,
+    mtp: MTPConfig,
+    *,
+    num_stages: int,
+    ep_size: int = 1,
+    steps: int = 3,
+    micro_batch_size: int = 2,
+    global_batch_size: int = 4,
+    lr: float = 1e-3,
+    lam: float = 0.3,
+    chunk_tokens: int = 8,
+) -> dict:
+    """Train `steps` DeepSpeed pipeline steps on this rank; returns losses, per-depth metrics, tied weights."""
+    from mtp_plugin.config import ExperimentConfig, ParallelConfig, TrainingConfig
+    from mtp_plugin.deepspeed.ds_config import build_ds_config
+    from mtp_plugin.deepspeed.model import MTPLoss, build_pipeline_module, initialize_engine
+    from mtp_plugin.megatron.step import MTPMetrics
+
+    init_deepspeed_cpu()
+    world = torch.distributed.get_world_size()
+    dp = world // num_stages
+    cfg = ExperimentConfig(
+        model=model,
+        mtp=mtp,
+        parallel=ParallelConfig(pipeline_model_parallel_size=num_stages, expert_model_parallel_size=ep_size),
+        training=TrainingConfig(
+            train_iters=steps + 1,
+            global_batch_size=global_batch_size,
+            micro_batch_size=micro_batch_size,
+            lr=lr,
+            min_lr=lr,
+            lr_warmup_iters=0,
+            weight_decay=0.0,
+        ),
+        data=_no_data(),
+    )
+    loss = MTPLoss(
+        num_depths=mtp.num_depths, depth_weights=mtp.weights, chunk_tokens=chunk_tokens, eod_id=None, lam=lam
+    )
+    pipe = build_pipeline_module(model, mtp, num_stages=num_stages, loss=loss, ep_size=ep_size)
+    engine = initialize_engine(
+        pipe,
+        build_ds_config(cfg, data_parallel_size=dp, user={}),
+        weight_decay=0.0,
+        ep_size=ep_size if model.is_moe else None,
+    )
+    initial_embed = pipe.tied_modules["embed"].weight.detach().clone()
+    samples = pattern_samples(64, model.seq_length, model.vocab_size)
+    batches = pipe_batches(
+        samples, micro_batch_size=micro_batch_size, dp_rank=engine.grid.get_data_parallel_id(), dp_size=dp
+    )
+    losses, depth_metrics = [], []
+    for _ in range(steps):
+        metrics = MTPMetrics(mtp.num_depths)
+        loss.metrics = metrics
+        losses.append(float(engine.train_batch(batches)))
+        depth_metrics.append(
+            metrics.reduce(engine.grid.get_data_parallel_group()) if engine.is_last_stage() else {}
+        )
+    tied = {key: module.weight.detach().clone() for key, module in pipe.tied_modules.items()}
+    return {
+        "stage": engine.stage_id,
+        "losses": losses,
+        "metrics": depth_metrics,
+        "tied": tied,
+        "parts": list(pipe.parts),
+        "initial_embed": initial_embed,
+    }
+
+
+def _no_data():
+    from mtp_plugin.config import DataConfig
+
+    # The workers feed synthetic windows; DataConfig wants a prefix but nothing reads it.
+    return DataConfig(train_prefix="unused", eod_id=0)

@@ -1,0 +1,50 @@
+"""MTP in a DeepSpeed PipelineModule, trained by DeepSpeed's own pipeline engine on CPU over gloo.
+
+One 1-process run and one 2-process run (two stages) share a model and data: their losses must agree, and
+the 2-stage run's tied embedding / head copies must be bit-identical on both stages after the steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+
+from deepspeed_cpu import tiny_moe_model, train_pipeline  # noqa: E402
+from distributed_utils import run_distributed  # noqa: E402
+
+from mtp_plugin.config import MTPConfig  # noqa: E402
+
+pytestmark = [pytest.mark.deepspeed, pytest.mark.distributed]
+
+
+def test_one_stage_and_two_stages_train_alike_and_keep_tied_copies_identical():
+    # Tied embedding/head: one module keyed "embed" on both stages (stage 0: the input embedding; stage 1:
+    # the MTP depths' Emb(t_(i+k)) and the head), so the tied-copy check covers both uses.
+    model = tiny_moe_model(untie_embeddings_and_output_weights=False)
+    mtp = MTPConfig(num_depths=2)
+    steps = 3
+    (one,) = run_distributed(train_pipeline, 1, model, mtp, num_stages=1, steps=steps, cpu_shims=False)
+    two = run_distributed(train_pipeline, 2, model, mtp, num_stages=2, steps=steps, cpu_shims=False)
+    assert [r["stage"] for r in two] == [0, 1]
+    # Stage 0: embedding + 2 trunk layers; stage 1: 2 trunk layers, final norm, 2 x (lookup, depth), head.
+    assert two[0]["parts"] == [0, 3, 11]
+    # Every rank of the pipeline reports the same (broadcast) loss; it equals the one-stage run's. Only
+    # the summation order of the tied weight's gradient differs (one tensor vs two summed), hence rtol 1e-6.
+    for rank in two:
+        torch.testing.assert_close(rank["losses"], one["losses"], rtol=1e-6, atol=0)
+    for got, want in zip(two[1]["metrics"], one["metrics"]):
+        assert set(got) == {"lm loss", "mtp_1 loss", "mtp_1 acceptance", "mtp_2 loss", "mtp_2 acceptance"}
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=0)
+    # The loss DeepSpeed reports is the plugin's L_main + λ Σ w_k L_k + aux: 5 MoE layers (3 trunk, 2 MTP
+    # blocks) x coefficient 0.01 x DeepSpeed's gate loss (1 at balanced routing).
+    first = one["metrics"][0]
+    mtp_term = 0.3 * 0.5 * (first["mtp_1 loss"] + first["mtp_2 loss"])
+    assert 0.03 < one["losses"][0] - (first["lm loss"] + mtp_term) < 0.08
+    # Tied copies: stage 0 and stage 1 hold the same embedding table, bit for bit, after 3 optimizer steps,
+    # and training moved it (it is not the initial table on both).
+    assert torch.equal(two[0]["tied"]["embed"], two[1]["tied"]["embed"])
+    torch.testing.assert_close(two[1]["tied"]["embed"], one["tied"]["embed"], rtol=0, atol=1e-5)
+    assert not torch.equal(one["tied"]["embed"], one["initial_embed"])
