@@ -4,8 +4,9 @@
 test. `scaled_model_config(name)` composes `model=<name>` through the product's Hydra path
 (`hydra_app.to_experiment`, the dataclass the YAML fills) and shrinks the sizes while keeping the
 structure: SwiGLU and RMSNorm (those come from `transformer_config_from`), dense first layers then MoE,
-shared experts, grouped-query attention (the heads-per-group ratio), a padded vocabulary, tied or
-untied head, init and RoPE settings.
+shared experts, grouped-query attention (the heads-per-group ratio), multi-head latent attention (with
+or without the q LoRA), YaRN, the router's rule (softmax/sigmoid, expert bias, node-limited groups,
+scaling, balancing loss), a padded vocabulary, tied or untied head, init and RoPE settings.
 
 `SCALE_RULES` holds one rule per `ModelConfig` field: `KEEP`, a constant, or a function of the
 shipped config. A field without a rule is an error, so a new field (MLA ranks, a router score
@@ -22,7 +23,8 @@ from mtp_plugin.config import ModelConfig
 KEEP = object()  # the shipped value, unchanged
 
 HIDDEN, HEADS, FFN, EXPERT_FFN = 32, 4, 64, 16
-NUM_EXPERTS, MAX_TOPK = 4, 2
+NUM_EXPERTS, MAX_TOPK, NUM_GROUPS = 4, 2, 2
+Q_LORA, KV_LORA, QK_HEAD, QK_ROPE_HEAD, V_HEAD = 16, 16, 8, 4, 8
 SEQ_LENGTH, VOCAB, VOCAB_DIVISOR = 16, 90, 32  # 90 ids padded to 96: the padding is kept too
 
 
@@ -49,6 +51,13 @@ def _shared_expert_size(cfg: ModelConfig) -> int:
     return max(1, round(EXPERT_FFN * cfg.moe_shared_expert_size / cfg.expert_ffn_hidden_size))
 
 
+def _group_topk(cfg: ModelConfig) -> int | None:
+    # Node-limited routing: the same fraction of groups (V3: 4 of 8 -> 1 of 2).
+    if cfg.moe_router_num_groups is None:
+        return None
+    return max(1, NUM_GROUPS * cfg.moe_router_group_topk // cfg.moe_router_num_groups)
+
+
 SCALE_RULES: dict[str, Any] = {
     "num_layers": _num_layers,
     "hidden_size": HIDDEN,
@@ -71,6 +80,32 @@ SCALE_RULES: dict[str, Any] = {
     "rotary_base": KEEP,
     "hidden_dropout": KEEP,
     "attention_dropout": KEEP,
+    # Multi-head latent attention: narrower latents and heads (the q LoRA kept or left out as shipped).
+    "multi_latent_attention": KEEP,
+    "q_lora_rank": lambda cfg: None if cfg.q_lora_rank is None else Q_LORA,
+    "kv_lora_rank": KV_LORA,
+    "qk_head_dim": QK_HEAD,
+    "qk_pos_emb_head_dim": QK_ROPE_HEAD,
+    "v_head_dim": V_HEAD,
+    "qk_layernorm": KEEP,
+    # YaRN: the shipped frequencies and scales.
+    "rope_type": KEEP,
+    "rotary_scaling_factor": KEEP,
+    "original_max_position_embeddings": KEEP,
+    "beta_fast": KEEP,
+    "beta_slow": KEEP,
+    "mscale": KEEP,
+    "mscale_all_dim": KEEP,
+    # Routing: the shipped rule (score function, bias, scaling, balancing loss, dtype), fewer groups.
+    "moe_router_score_function": KEEP,
+    "moe_router_pre_softmax": KEEP,
+    "moe_router_enable_expert_bias": KEEP,
+    "moe_router_bias_update_rate": KEEP,
+    "moe_router_num_groups": lambda cfg: None if cfg.moe_router_num_groups is None else NUM_GROUPS,
+    "moe_router_group_topk": _group_topk,
+    "moe_router_topk_scaling_factor": KEEP,
+    "moe_router_load_balancing_type": KEEP,
+    "moe_router_dtype": KEEP,
 }
 
 

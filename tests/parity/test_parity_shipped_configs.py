@@ -14,8 +14,8 @@ main and per-depth losses, every gradient (the aux loss's in the MTP layers' rou
 Megatron's MoE aux-loss log agree, slot by slot: on 0.19 the MTP layers' routers are marked
 `is_mtp_layer` and log after the trunk's layers, as native's do.
 
-One extra case is not shipped: the first MoE config with grouped-query attention (2 heads per group),
-since no shipped config sets `num_query_groups` and `transformer_config_from` passes it on.
+One extra case is not shipped: the first MoE config without MLA, with grouped-query attention (2 heads
+per group), since no shipped config sets `num_query_groups` and `transformer_config_from` passes it on.
 All cases run in one process (start-up dominates); the depth count is the same for every case because
 Megatron's MTP loss tracker is process-global and sized by the first model.
 """
@@ -47,7 +47,7 @@ def _cases() -> dict:
         if cfg.is_moe:
             cfg = dataclasses.replace(cfg, moe_aux_loss_coeff=AUX_LOSS_COEFF)
         cases[name] = cfg
-    moe = [name for name, cfg in cases.items() if cfg.is_moe]
+    moe = [name for name, cfg in cases.items() if cfg.is_moe and not cfg.multi_latent_attention]
     if moe:
         first = cases[moe[0]]
         cases[moe[0] + GQA] = dataclasses.replace(first, num_query_groups=first.num_attention_heads // 2)
@@ -92,11 +92,11 @@ class _MoELog:
 
 def _run_case(model_cfg, seed: int, moe_log: _MoELog):
     from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec, get_gpt_mtp_block_spec
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
     from megatron_cpu import forward_backward, plugin_forward_backward, read_mtp_tracker, seed_megatron
 
     from mtp_plugin.config import MTPConfig, ParallelConfig
-    from mtp_plugin.megatron import MTPMetrics
+    from mtp_plugin.megatron import MTPMetrics, trunk_layer_spec
     from mtp_plugin.megatron.config import transformer_config_from
     from mtp_plugin.megatron.model import build_mtp_gpt_model
 
@@ -108,9 +108,9 @@ def _run_case(model_cfg, seed: int, moe_log: _MoELog):
 
     seed_megatron(seed)
     native_config = config()
-    block_spec = get_gpt_decoder_block_spec(
-        native_config, use_transformer_engine=False, normalization=native_config.normalization
-    )
+    # The trunk's spec is the product's (Megatron's block spec, MLA's core attention made local for CPU);
+    # the MTP block spec is Megatron's own, from that trunk's last layer.
+    block_spec = trunk_layer_spec(native_config)
     native = GPTModel(
         config=native_config,
         transformer_layer_spec=block_spec,
@@ -150,8 +150,16 @@ def _run_case(model_cfg, seed: int, moe_log: _MoELog):
 
 
 def _shipped_worker(cases: dict):
+    import traceback
+
     moe_log = _MoELog()
-    return {name: _run_case(cfg, 1234 + i, moe_log) for i, (name, cfg) in enumerate(cases.items())}
+    out = {}
+    for i, (name, cfg) in enumerate(cases.items()):
+        try:  # one config that does not build must not hide the others' results
+            out[name] = _run_case(cfg, 1234 + i, moe_log)
+        except Exception:  # noqa: BLE001 - reported by that config's test
+            out[name] = {"error": traceback.format_exc()}
+    return out
 
 
 CASES = _cases()
@@ -163,9 +171,21 @@ def results():
     return out
 
 
-@pytest.mark.parametrize("name", list(CASES))
+def _known_failure(name: str):
+    # Megatron-Core 0.19's MLA refuses the q_layernorm its own local block spec gives a model without a
+    # q LoRA (mla_qk_norm_config: "q_layernorm ... is non-trivial, but q_lora_rank is None"); 0.16 builds it.
+    if name == "deepseek_v2_lite" and _megatron_version().release[:2] >= (0, 19):
+        return pytest.mark.xfail(
+            strict=True, reason="MLA without q LoRA + qk_layernorm does not build on 0.19"
+        )
+    return ()
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=_known_failure(name)) for name in CASES])
 def test_shipped_config_matches_native_mtp(results, name):
     cfg, out = CASES[name], results[name]
+    if "error" in out:
+        pytest.fail(f"{name} did not build or run:\n{out['error']}")
     assert out["plugin_lm"] == pytest.approx(out["native_lm"], rel=1e-6)
     assert out["plugin_depth"] == pytest.approx(out["native_depth"], rel=1e-5)
     assert set(out["plugin_grads"]) == set(out["native_grads"])
@@ -176,11 +196,12 @@ def test_shipped_config_matches_native_mtp(results, name):
         return
     # The aux loss is on and logged per layer slot: trunk layers 1..L, then (0.19) the MTP layers.
     native_moe, plugin_moe = out["native_moe"], out["plugin_moe"]
-    assert "load_balancing_loss" in native_moe, sorted(native_moe)
+    balancing = [m for m in native_moe if m.endswith("load_balancing_loss")]  # aux, seq_, global_
+    assert len(balancing) == 1, sorted(native_moe)
     assert set(plugin_moe) == set(native_moe)
     for metric, values in native_moe.items():
         torch.testing.assert_close(plugin_moe[metric], values, rtol=1e-5, atol=1e-7, msg=metric)
-    slots = native_moe["load_balancing_loss"]
+    slots = native_moe[balancing[0]]
     assert slots.numel() == cfg.num_layers + NUM_DEPTHS
     moe_layers = slots[cfg.first_dense_layers : cfg.num_layers]
     assert (moe_layers > 0).all(), slots
