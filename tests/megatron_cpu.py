@@ -403,8 +403,13 @@ def build_tiny_plugin_gpt(model: TinyGPT, *, loss_chunk_tokens: int = 0, **confi
     )
 
 
-def plugin_forward_backward(model, microbatches, *, lam: float, metrics=None, per_token_loss: bool = False):
-    """Megatron's schedule over `microbatches` with the plugin's forward step; returns the loss reports."""
+def plugin_forward_backward(
+    model, microbatches, *, lam: float, metrics=None, per_token_loss: bool = False, **step_kwargs: Any
+):
+    """Megatron's schedule over `microbatches` with the plugin's forward step; returns the loss reports.
+
+    step_kwargs: more `mtp_forward_step` arguments (depth_weights, global_counts).
+    """
     from functools import partial
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -412,7 +417,9 @@ def plugin_forward_backward(model, microbatches, *, lam: float, metrics=None, pe
     from mtp_plugin.megatron import mtp_forward_step
 
     return get_forward_backward_func()(
-        forward_step_func=partial(mtp_forward_step, lam=lam, metrics=metrics, per_token_loss=per_token_loss),
+        forward_step_func=partial(
+            mtp_forward_step, lam=lam, metrics=metrics, per_token_loss=per_token_loss, **step_kwargs
+        ),
         data_iterator=iter(microbatches),
         model=[model],
         num_microbatches=len(microbatches),
