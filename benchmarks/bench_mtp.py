@@ -455,20 +455,26 @@ def _shape_args(args) -> list[str]:
     return out
 
 
-def _run_isolated(name: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, *_shape_args(args)]
+def run_child(cmd: list[str], timeout: float) -> tuple[dict | None, dict]:
+    """Run a benchmark child process; (its `RESULT {json}` line, or None and {"error", "log_tail"})."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.config_timeout, env=env)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return {"name": name, "error": f"timed out after {args.config_timeout} s"}
+        return None, {"error": f"timed out after {timeout} s"}
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    tail = (proc.stdout + proc.stderr).strip().splitlines()[-6:]
+            return json.loads(line[len("RESULT ") :]), {}
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-8:]
     error = "out of memory" if "OutOfMemoryError" in proc.stderr else f"exit {proc.returncode}"
-    return {"name": name, "error": error, "log_tail": tail}
+    return None, {"error": error, "log_tail": tail}
+
+
+def _run_isolated(name: str, args) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, *_shape_args(args)]
+    result, failure = run_child(cmd, args.config_timeout)
+    return result if result is not None else {"name": name, **failure}
 
 
 def format_table(results: list[dict]) -> str:

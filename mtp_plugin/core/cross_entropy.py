@@ -253,6 +253,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 num_correct += correct_c
                 if needs_grad:
                     _accumulate_head_grads(dlogits_cv, h_ch, w_vh, grad_h_nh, grad_w_vh, start, stop)
+                # Free this chunk's [chunk x vocab] block before the next chunk's GEMM allocates its own.
+                del dlogits_cv
                 continue
             logits_cv = (h_ch @ w_vh.t()).to(cdtype)
             local_t_c = t_n[start:stop] - vocab_start
@@ -279,6 +281,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 _accumulate_head_grads(
                     dlogits_cv.to(h_nh.dtype), h_ch, w_vh, grad_h_nh, grad_w_vh, start, stop
                 )
+            # logits_cv, exp_cv and dlogits_cv name one buffer: free it before the next chunk's GEMM.
+            logits_cv = exp_cv = dlogits_cv = None
         ctx.save_for_backward(grad_h_nh, grad_w_vh)
         ctx.has_grads = (grad_h_nh is not None, grad_w_vh is not None)
         ctx.weight_dtype = weight_vh.dtype

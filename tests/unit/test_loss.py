@@ -322,3 +322,21 @@ def test_stack_rejects_depths_at_least_sequence_length():
         stack(torch.randn(2, 3, H), ids, lambda shifted, k: emb(shifted))
     ids = torch.randint(0, V, (2, 4))
     assert len(stack(torch.randn(2, 4, H), ids, lambda shifted, k: emb(shifted))) == 3
+
+
+def test_loss_kernel_choice_on_cpu():
+    """auto is the torch ops on CPU (bit-equal); triton asks for CUDA; an unknown kernel is named."""
+    from mtp_plugin.config import MTPConfig
+
+    gen = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(9, H, generator=gen), torch.randn(V, H, generator=gen)
+    targets, mask = torch.randint(0, V, (9,), generator=gen), torch.ones(9, dtype=torch.bool)
+    auto = linear_cross_entropy(hidden, weight, targets, mask, chunk_tokens=4, kernel="auto")
+    ref = linear_cross_entropy(hidden, weight, targets, mask, chunk_tokens=4, kernel="torch")
+    assert auto.loss_sum.item() == ref.loss_sum.item()
+    with pytest.raises(ValueError, match="loss kernel 'triton' needs CUDA tensors, got cpu"):
+        linear_cross_entropy(hidden, weight, targets, mask, chunk_tokens=4, kernel="triton")
+    with pytest.raises(ValueError, match="loss kernel must be one of"):
+        linear_cross_entropy(hidden, weight, targets, mask, chunk_tokens=4, kernel="cuda")
+    with pytest.raises(ValueError, match="mtp.loss_kernel='cuda' is unknown; use one of auto, torch, triton"):
+        MTPConfig(loss_kernel="cuda")
