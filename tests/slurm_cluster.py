@@ -205,6 +205,17 @@ class LocalSlurm:
             raise RuntimeError(f"sbatch {' '.join(args)} failed: {proc.stderr.strip()}")
         return int(proc.stdout.strip().split(";")[0])
 
+    def sbatch_test_only(self, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+        """`sbatch --test-only`: whether and when Slurm would start the job, without submitting it."""
+        return subprocess.run(
+            ["sbatch", "--test-only", *args],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
+        )
+
     def job(self, job_id: int) -> dict[str, str]:
         """`scontrol show job -o` as {field: value} (values without spaces, which are the ones we read)."""
         out = self._run("scontrol", "show", "job", "-o", str(job_id)).stdout

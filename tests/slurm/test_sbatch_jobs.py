@@ -234,3 +234,19 @@ def test_a_dying_rank_fails_the_job_and_leaves_no_process(cluster, workdir):
     while job_processes(job_id) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert job_processes(job_id) == []
+
+
+@pytest.mark.parametrize("name", ["train.sbatch", "deepseek_v3_671b.sbatch", "deepspeed.sbatch"])
+def test_sbatch_test_only_accepts_every_script(cluster, workdir, name):
+    """Each script's #SBATCH lines as they are, with the node shape shrunk to this 2-node, GPU-less cluster."""
+    script = REPO / "slurm" / name
+    ok = cluster.sbatch_test_only(
+        "--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", str(script), cwd=workdir
+    )
+    assert ok.returncode == 0 and " to start at " in ok.stderr, ok.stderr
+    if name == "deepseek_v3_671b.sbatch":
+        # Its own 256 nodes x 8 tasks (GPUs left out: this cluster has none) is refused by node count.
+        full = cluster.sbatch_test_only("--gpus-per-node=0", str(script), cwd=workdir)
+        assert full.returncode != 0 and "Requested node configuration is not available" in full.stderr, (
+            full.stderr
+        )
