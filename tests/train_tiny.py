@@ -109,10 +109,30 @@ def tiny_experiment(train_prefix: str, valid_prefix: str | None, *, pp: int = 1,
     )
 
 
-def run_app(*args: str, env: dict | None = None, timeout: float = 240) -> subprocess.CompletedProcess:
-    """`python -m mtp_plugin.train ARGS` from the repository root, output captured."""
+def run_trainer(cfg, stop_at: int | None = None) -> dict:
+    """One Trainer life in this process: set up (resuming if cfg's load_dir holds a checkpoint), train
+    (to `stop_at`), close. Returns the iteration it started at, its train history and its printed lines."""
+    from mtp_plugin.train.loop import Trainer
+
+    lines: list[str] = []
+    trainer = Trainer(cfg, print_fn=lines.append)
+    trainer.setup()
+    start = trainer.iteration
+    result = trainer.train(stop_at=stop_at)
+    trainer.close()
+    return {"start": start, "history": result.train_history, "lines": lines}
+
+
+def run_app(
+    *args: str, env: dict | None = None, timeout: float = 240, nproc: int = 1
+) -> subprocess.CompletedProcess:
+    """`python -m mtp_plugin.train ARGS` from the repository root, output captured; with nproc > 1
+    through torchrun (`torch.distributed.run --nproc-per-node nproc -m mtp_plugin.train ARGS`)."""
+    launcher = (
+        ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+    )
     return subprocess.run(
-        [sys.executable, "-m", "mtp_plugin.train", *args],
+        [sys.executable, *launcher, "-m", "mtp_plugin.train", *args],
         cwd=REPO,
         # The repository first, then whatever the caller's path holds (e.g. packages installed with --target).
         env={
@@ -126,13 +146,15 @@ def run_app(*args: str, env: dict | None = None, timeout: float = 240) -> subpro
     )
 
 
-def _app_or_fail(*args: str, timeout: float) -> subprocess.CompletedProcess:
-    proc = run_app(*args, timeout=timeout)
+def _app_or_fail(*args: str, timeout: float, nproc: int = 1) -> subprocess.CompletedProcess:
+    proc = run_app(*args, timeout=timeout, nproc=nproc)
     assert proc.returncode == 0, f"{' '.join(args)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return proc
 
 
-def train_exit_and_resume(root: Path, args: list[str], *, exit_at: int, timeout: float = 300) -> dict:
+def train_exit_and_resume(
+    root: Path, args: list[str], *, exit_at: int, timeout: float = 300, nproc: int = 1
+) -> dict:
     """Run the app three times: uninterrupted in root/full; in root/split with `training.exit_interval=
     exit_at` (it saves and exits), then the same command without it (it resumes). Returns the stdout of
     each run and the exact scalars each run directory's `tensorboard/scalars.jsonl` holds."""
@@ -140,11 +162,11 @@ def train_exit_and_resume(root: Path, args: list[str], *, exit_at: int, timeout:
 
     full, split = root / "full", root / "split"
     runs = {
-        "full": _app_or_fail(*args, f"hydra.run.dir={full}", timeout=timeout).stdout,
+        "full": _app_or_fail(*args, f"hydra.run.dir={full}", timeout=timeout, nproc=nproc).stdout,
         "exit": _app_or_fail(
-            *args, f"training.exit_interval={exit_at}", f"hydra.run.dir={split}", timeout=timeout
+            *args, f"training.exit_interval={exit_at}", f"hydra.run.dir={split}", timeout=timeout, nproc=nproc
         ).stdout,
-        "resume": _app_or_fail(*args, f"hydra.run.dir={split}", timeout=timeout).stdout,
+        "resume": _app_or_fail(*args, f"hydra.run.dir={split}", timeout=timeout, nproc=nproc).stdout,
     }
     for name, run_dir in (("full", full), ("split", split)):
         runs[f"{name} scalars"] = logs.read_scalars(run_dir / "tensorboard" / logs.ScalarWriter.JSONL_NAME)

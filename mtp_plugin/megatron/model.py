@@ -296,6 +296,12 @@ class MTPGPTModel(GPTModel):
             # Megatron's block goes (its forward and loss are the plugin's now); its layers' modules stay.
             del self.mtp
             self.mtp_stack = MTPStack([self._depth_from_native(layer) for layer in native_layers])
+            if self.share_embeddings_and_output_weights and self.post_process and not self.pre_process:
+                # A tied head on a later MTP stage scores with this stage's embedding copy (GPTModel's
+                # shared_embedding_or_output_weight), yet GPTModel allocates the output layer's weight
+                # too; Megatron's sharded_state_dict then refuses to save it (it asserts the key is absent
+                # on an MTP stage). Dropped, as GPTModel skips it on stage 0.
+                self.output_layer.weight = None
 
     def _depth_from_native(self, layer) -> MTPDepth:
         # 0.19 names the inner layer `mtp_model_layer`; 0.16 - 0.18 `transformer_layer`.
@@ -410,9 +416,15 @@ class MTPGPTModel(GPTModel):
             del state[key]
         for i, depth in enumerate(self.mtp_stack.depths):
             for name, child in depth.named_children():
+                # The TP group, as MegatronModule passes it: given a dp_cp_group but no tp_group, Megatron
+                # marks a plain torch child (the norms) replica 0 on every TP rank and refuses the save.
                 state.update(
                     sharded_state_dict_default(
-                        child, f"{stack_prefix}depths.{i}.{name}.", sharded_offsets, metadata
+                        child,
+                        f"{stack_prefix}depths.{i}.{name}.",
+                        sharded_offsets,
+                        metadata,
+                        tp_group=self.pg_collection.tp,
                     )
                 )
         return state

@@ -280,6 +280,11 @@ def _check_megatron_launch(experiment: ExperimentConfig, *, cuda: bool) -> None:
         from mtp_plugin.train.cpu import check_cpu_run
 
         check_cpu_run(experiment.model)
+    if not cuda and experiment.backend.use_distributed_optimizer:
+        raise ValueError(
+            "backend.use_distributed_optimizer=true: Megatron's distributed optimizer shards CUDA tensors "
+            "only; set backend.use_distributed_optimizer=false on CPU"
+        )
     from mtp_plugin.megatron import check_supported
 
     check_supported(experiment.model, experiment.parallel, experiment.mtp)

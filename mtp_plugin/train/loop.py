@@ -176,6 +176,7 @@ class Trainer:
                     + " (checkpoint vs this run); resume with the checkpoint's values, or point "
                     "training.load_dir elsewhere (null starts fresh)"
                 )
+            self._check_expert_layout(ckpt.saved_layout(self.resume_from))
         sizes = f"tp {par.tensor_model_parallel_size}, pp {par.pipeline_model_parallel_size}, ep {par.expert_model_parallel_size}"
         logs.startup(
             self._print, self.is_logging_rank, f"initialising {self.world_size} process(es) ({sizes})"
@@ -296,6 +297,19 @@ class Trainer:
         paths = [tr.save_dir, tr.load_dir, tr.tensorboard_dir]
         torch.distributed.broadcast_object_list(paths, src=0)
         tr.save_dir, tr.load_dir, tr.tensorboard_dir = paths
+
+    def _check_expert_layout(self, saved: dict[str, int] | None) -> None:
+        # Megatron gives expert parameters an optimizer of their own only when ep > 1; a checkpoint's
+        # chained optimizer state does not load into the other structure (its param groups come back empty).
+        now = self.cfg.parallel.expert_model_parallel_size
+        if saved and self.cfg.model.is_moe and (saved["expert_model_parallel_size"] > 1) != (now > 1):
+            was = saved["expert_model_parallel_size"]
+            raise ResumeMismatchError(
+                f"error: {self.resume_from} was written with parallel.expert_model_parallel_size={was}; "
+                f"Megatron keeps expert parameters in an optimizer of their own only when it is > 1, so that "
+                f"optimizer state cannot be resharded to expert_model_parallel_size={now}; resume with "
+                + ("an expert_model_parallel_size > 1" if was > 1 else "expert_model_parallel_size=1")
+            )
 
     def _layout(self) -> dict[str, int]:
         par = self.cfg.parallel

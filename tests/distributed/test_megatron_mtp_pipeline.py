@@ -198,3 +198,14 @@ def test_pp3_embedding_copies_stay_bit_identical_over_steps():
     assert torch.equal(first["emb_final"], mtp["emb_final"])
     for a, b in zip(first["steps"], mtp["steps"]):
         assert torch.equal(a["emb"], b["emb"])
+
+
+def test_pp2_tied_head_matches_pp1_and_copies_stay_identical():
+    """A tied head (embedding = output weight) with pp = 2: stage 0's table, and the last stage's head and
+    MTP embedding copies, get the pp=1 gradients and stay bit-identical over optimizer steps."""
+    reference = _run(1, dict(), None, None, tied=True)
+    results = _run(2, dict(pipeline_model_parallel_size=2), None, None, tied=True, steps=2)
+    _assert_same_as_reference(reference, results)
+    by_stage = {r["pp_rank"]: r for r in results}
+    assert not torch.equal(by_stage[0]["emb_final"], by_stage[0]["steps"][0]["emb"])
+    assert torch.equal(by_stage[0]["emb_final"], by_stage[1]["emb_final"])

@@ -8,36 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_utils import run_distributed
-from train_tiny import tiny_experiment, write_tiny_corpus
+from train_tiny import run_trainer, tiny_experiment, write_tiny_corpus
 
 pytestmark = [pytest.mark.megatron, pytest.mark.distributed, pytest.mark.slow]
 
 LOSS_KEYS = ("lm loss", "mtp_1 loss", "mtp_2 loss", "mtp_1 acceptance", "mtp_2 acceptance", "learning rate")
 
 
-def _run(cfg, stop_at=None) -> dict:
-    from mtp_plugin.train.loop import Trainer
-
-    lines: list[str] = []
-    trainer = Trainer(cfg, print_fn=lines.append)
-    trainer.setup()
-    start = trainer.iteration
-    result = trainer.train(stop_at=stop_at)
-    trainer.close()
-    return {"start": start, "history": result.train_history, "lines": lines}
-
-
 def _save_worker(tmp: str, train_prefix: str, valid_prefix: str, pp: int) -> dict:
     """An uninterrupted 5-iteration run, and one saved at iteration 3, both with `pp` stages."""
     ckpt = str(Path(tmp) / "ckpt")
-    full = _run(tiny_experiment(train_prefix, valid_prefix, pp=pp, train_iters=5))
-    _run(tiny_experiment(train_prefix, valid_prefix, pp=pp, train_iters=5, save_dir=ckpt), stop_at=3)
+    full = run_trainer(tiny_experiment(train_prefix, valid_prefix, pp=pp, train_iters=5))
+    run_trainer(tiny_experiment(train_prefix, valid_prefix, pp=pp, train_iters=5, save_dir=ckpt), stop_at=3)
     return full
 
 
 def _resume_worker(tmp: str, train_prefix: str, valid_prefix: str, pp: int) -> dict:
     ckpt = str(Path(tmp) / "ckpt")
-    return _run(tiny_experiment(train_prefix, valid_prefix, pp=pp, train_iters=5, load_dir=ckpt))
+    return run_trainer(tiny_experiment(train_prefix, valid_prefix, pp=pp, train_iters=5, load_dir=ckpt))
 
 
 @pytest.mark.parametrize(("saved_pp", "pp"), [(2, 1), (1, 2)], ids=["pp2-to-pp1", "pp1-to-pp2"])

@@ -2,7 +2,7 @@
 
 (a) Parity: Megatron's native MTP (GPTModel with `mtp_block_spec`, loss folded in by MTPLossAutoScaler)
     and the plugin's MTPGPTModel with copied weights give the same main and per-depth losses and the same
-    gradients; fp32 with TF32 off, D = 1, 2, 3, dense and MoE trunks.
+    gradients; fp32 with TF32 off, D = 1, 2, 3, dense and MoE trunks; and in bf16 within a stated tolerance.
 (b) One pp=1 training step with Megatron DDP + Megatron optimizer (bf16, Float16Module as Megatron-LM
     wraps it): the loss is finite, the MTP parameters and the trunk change, and repeated steps on one
     batch lower the loss.
@@ -104,8 +104,10 @@ PARITY_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("num_depths", "num_experts", "tied"), PARITY_CASES)
-def test_plugin_matches_native_mtp_on_gpu(megatron_nccl, num_depths, num_experts, tied):
+def _native_and_plugin(num_depths, num_experts, tied, *, bf16=False) -> dict:
+    """Native MTP and the plugin with the same weights over the same batches: losses and gradients.
+
+    bf16: every parameter of both models cast to bf16 (as Megatron-LM's Float16Module does)."""
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
     from megatron_cpu import TinyGPT, build_tiny_gpt, forward_backward
     from parity.test_megatron_parity import native_to_plugin_name
@@ -125,28 +127,55 @@ def test_plugin_matches_native_mtp_on_gpu(megatron_nccl, num_depths, num_experts
     )
     native = build_tiny_gpt(shape).cuda()
     plugin = _plugin_like(native.state_dict(), shape, chunk_tokens=0)
+    if bf16:
+        native, plugin = native.bfloat16(), plugin.bfloat16()
     batches = _cuda_batches(shape, NUM_MICROBATCHES, MICRO_BATCH, seed=7, mask_tail=3)
 
     native_out = forward_backward(native, batches)
     native_grads = {
-        native_to_plugin_name(n): p.grad.detach().clone()
+        native_to_plugin_name(n): p.grad.detach().float()
         for n, p in native.named_parameters()
         if p.grad is not None
     }
     losses, stats, plugin_grads = _run_plugin(plugin, batches, num_depths)
+    return {
+        "native lm": [float(x) for x in native_out["lm_loss"]],
+        "plugin lm": [float(d["lm loss"][0] / d["lm loss"][1]) for d in losses],
+        # Megatron's tracker holds Σ over micro-batches of each micro-batch's mean depth loss; every
+        # micro-batch has the same number of valid targets, so that mean equals the token-weighted one.
+        "native depth": (native_out["mtp_tracker"] / NUM_MICROBATCHES).tolist(),
+        "plugin depth": [stats[f"mtp_{k} loss"] for k in range(1, num_depths + 1)],
+        "native grads": native_grads,
+        "plugin grads": {n: g.float() for n, g in plugin_grads.items()},
+        "plugin grad dtypes": {g.dtype for g in plugin_grads.values()},
+    }
 
-    native_lm = [float(x) for x in native_out["lm_loss"]]
-    plugin_lm = [float(d["lm loss"][0] / d["lm loss"][1]) for d in losses]
-    assert plugin_lm == pytest.approx(native_lm, rel=1e-5)
-    # Megatron's tracker holds Σ over micro-batches of each micro-batch's mean depth loss; every
-    # micro-batch has the same number of valid targets, so that mean equals the token-weighted one.
-    native_depth = (native_out["mtp_tracker"] / NUM_MICROBATCHES).tolist()
-    plugin_depth = [stats[f"mtp_{k} loss"] for k in range(1, num_depths + 1)]
-    assert len(native_depth) == num_depths
-    assert plugin_depth == pytest.approx(native_depth, rel=1e-4)
-    assert all(4.0 < x < 9.0 for x in plugin_depth)  # ~ln(512) at initialisation: a real CE
-    _assert_grads_close(plugin_grads, native_grads, rtol=1e-4)
-    assert any(n.startswith("mtp_stack.depths.") for n in plugin_grads)
+
+@pytest.mark.parametrize(("num_depths", "num_experts", "tied"), PARITY_CASES)
+def test_plugin_matches_native_mtp_on_gpu(megatron_nccl, num_depths, num_experts, tied):
+    out = _native_and_plugin(num_depths, num_experts, tied)
+    assert out["plugin lm"] == pytest.approx(out["native lm"], rel=1e-5)
+    assert len(out["native depth"]) == num_depths
+    assert out["plugin depth"] == pytest.approx(out["native depth"], rel=1e-4)
+    assert all(4.0 < x < 9.0 for x in out["plugin depth"])  # ~ln(512) at initialisation: a real CE
+    _assert_grads_close(out["plugin grads"], out["native grads"], rtol=1e-4)
+    assert any(n.startswith("mtp_stack.depths.") for n in out["plugin grads"])
+
+
+# bf16 keeps 8 significant bits (a relative step of 2^-8 = 3.9e-3 per rounding) and the two models round at
+# different places (native: bf16 logits per depth; the plugin: the head matmul in bf16, the CE in fp32), so
+# a few roundings apart: losses within 1e-2 relative; each gradient tensor within 5e-2 of its largest
+# entry. A wrong λ, depth weight or normalisation moves them by 10% or more (fp32 parity above: 1e-4).
+BF16_LOSS_RTOL, BF16_GRAD_RTOL = 1e-2, 5e-2
+
+
+@pytest.mark.parametrize(("num_experts", "tied"), [(None, True), (4, False)], ids=["dense-tied", "moe"])
+def test_plugin_matches_native_mtp_in_bf16(megatron_nccl, num_experts, tied):
+    out = _native_and_plugin(2, num_experts, tied, bf16=True)
+    assert out["plugin grad dtypes"] == {torch.bfloat16}
+    assert out["plugin lm"] == pytest.approx(out["native lm"], rel=BF16_LOSS_RTOL)
+    assert out["plugin depth"] == pytest.approx(out["native depth"], rel=BF16_LOSS_RTOL)
+    _assert_grads_close(out["plugin grads"], out["native grads"], rtol=BF16_GRAD_RTOL)
 
 
 @pytest.mark.parametrize("num_experts", [None, 4], ids=["dense", "moe"])

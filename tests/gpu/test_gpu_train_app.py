@@ -91,3 +91,21 @@ def test_app_bf16_save_resume_is_bit_exact(case, tmp_path):
     assert list(board.glob("events.out.tfevents.*"))
     assert (board / "loss_curves.png").stat().st_size > 10_000
     assert (runs["split dir"] / "checkpoints" / "latest").read_text().strip() == "iter_0000006"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_app_distributed_optimizer_dp2_ep2_resume_is_bit_exact(tmp_path):
+    """Megatron's distributed optimizer (optimizer state sharded over dp 2; it needs CUDA tensors, so the
+    CPU tests cannot run it) with the MoE experts of trunk and MTP depths over ep 2, through torchrun."""
+    train, valid = write_tiny_corpus(tmp_path / "data")
+    args = [
+        *_args(train, valid, ["mtp=d2", "mtp.loss_chunk_tokens=0"]),
+        "backend.use_distributed_optimizer=true",
+        "parallel.expert_model_parallel_size=2",
+    ]
+    runs = train_exit_and_resume(tmp_path, args, exit_at=3, nproc=2)
+    assert "loaded checkpoint" in runs["resume"] and "parallel layout changed" not in runs["resume"]
+    for key in [*logs.metric_names(2), "grad norm", "learning rate"]:
+        want = by_step(runs["full scalars"], key)
+        assert sorted(want) == [1, 2, 3, 4, 5, 6], key
+        assert by_step(runs["split scalars"], key) == want, key

@@ -205,11 +205,20 @@ def test_shipped_mtp_configs_score_the_depths_in_chunks():
     assert _experiment("mtp.loss_chunk_tokens=0").mtp.loss_chunk_tokens == 0
 
 
-def test_clip_grad_on_cpu_is_rejected_before_launch():
-    experiment = _experiment("training.clip_grad=1.0")
+@pytest.mark.parametrize(
+    ("override", "fix"),
+    [
+        ("training.clip_grad=1.0", "training.clip_grad=0"),
+        # Before: a TypeError from Megatron's DistributedOptimizer after the model was built.
+        ("backend.use_distributed_optimizer=true", "backend.use_distributed_optimizer=false"),
+    ],
+    ids=["clip-grad", "distributed-optimizer"],
+)
+def test_cuda_only_settings_on_cpu_are_rejected_before_launch(override, fix):
+    experiment = _experiment(override)
     with pytest.raises(ConfigError) as err:
         validate_for_launch(experiment, world_size=1, cuda=False)
-    assert "training.clip_grad=0" in _one_line(err.value)
+    assert fix in _one_line(err.value)
 
 
 @pytest.mark.parametrize(
