@@ -149,3 +149,29 @@ def scale_down(cfg: ModelConfig, **overrides: Any) -> ModelConfig:
 def scaled_model_config(name: str, **overrides: Any) -> ModelConfig:
     """The shipped model config `name`, scaled down for CPU (module docstring)."""
     return scale_down(shipped_model_config(name), **overrides)
+
+
+def scaled_model_overrides(name: str, **overrides: Any) -> list[str]:
+    """`scaled_model_config(name, **overrides)` as Hydra command-line overrides (`model=<name>` and each
+    field that differs from the shipped config), for the app and the planner."""
+    shipped = shipped_model_config(name)
+    scaled = scale_down(shipped, **overrides)
+    out = [f"model={name}"]
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(scaled, f.name)
+        if value != getattr(shipped, f.name):
+            text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+            out.append(f"model.{f.name}={text}")
+    return out
+
+
+def local_spec_cannot_build(name: str) -> bool:
+    """The shipped configs this megatron-core refuses without TransformerEngine: MLA with qk_layernorm and
+    no q LoRA (deepseek_v2_lite) on >= 0.19 (`check_supported` says so in one line)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    cfg = shipped_model_config(name)
+    newer = Version(version("megatron-core")).release[:2] >= (0, 19)
+    return newer and cfg.multi_latent_attention and cfg.qk_layernorm and cfg.q_lora_rank is None

@@ -8,6 +8,18 @@ from mtp_plugin.config import ModelConfig, MTPConfig, ParallelConfig
 from mtp_plugin.megatron.placement import PipelinePlan, plan_pipeline
 
 
+def _local_spec_builds_mla(model: ModelConfig) -> bool:
+    """From megatron-core 0.19, MLA with `qk_layernorm` and no query LoRA (DeepSeek-V2-Lite) fuses a query
+    norm into `linear_q_proj`, which only TransformerEngine provides (mla_qk_norm_config.py); 0.16 - 0.18
+    have no query norm then. Without TE the local spec cannot build such a layer."""
+    from importlib.util import find_spec
+
+    if not (model.qk_layernorm and model.q_lora_rank is None):
+        return True
+    fused_query_norm = find_spec("megatron.core.transformer.mla_qk_norm_config") is not None
+    return not fused_query_norm or find_spec("transformer_engine") is not None
+
+
 def check_supported(
     model: ModelConfig, parallel: ParallelConfig, mtp: MTPConfig, *, pipeline_layout: str | None = None
 ) -> PipelinePlan:
@@ -23,6 +35,12 @@ def check_supported(
         raise ValueError(
             f"model.num_experts={model.num_experts} is not divisible by parallel.expert_model_parallel_size="
             f"{parallel.expert_model_parallel_size}; change one of them"
+        )
+    if model.multi_latent_attention and not _local_spec_builds_mla(model):
+        raise ValueError(
+            "model.qk_layernorm=true with model.q_lora_rank=null needs TransformerEngine on megatron-core "
+            ">= 0.19 (it fuses a query norm into linear_q_proj); install it, use megatron-core 0.16-0.18, "
+            "or set model.qk_layernorm=false"
         )
     if model.multi_latent_attention and parallel.sequence_parallel:
         raise ValueError(

@@ -509,6 +509,22 @@ def _composed_jobs(overrides: list[str], multirun: bool, config_dir: Path, *, wi
             yield job, compose(config_name=CONFIG_NAME, overrides=job, return_hydra_config=with_hydra)
 
 
+def compose_experiment(overrides: list[str], config_dir: Path = CONFIG_DIR) -> ExperimentConfig:
+    """One job's overrides -> the validated ExperimentConfig, with the app's checks (unknown group
+    options and keys, preset conflicts); every rejection is a one-line ConfigError. For tools that size
+    or inspect a run without launching it (`python -m mtp_plugin.plan`)."""
+    from hydra.errors import HydraException
+
+    check_group_overrides(overrides, config_dir)
+    check_override_keys(overrides, config_dir)
+    check_experiment_overrides(overrides, config_dir)
+    try:
+        ((_, cfg),) = _composed_jobs(overrides, False, config_dir, with_hydra=False)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"error: {_one_line(err)}") from None
+    return to_experiment(cfg)
+
+
 def cfg_summary(argv: list[str], config_dir: Path = CONFIG_DIR) -> str | None:
     """For `--cfg job` / `--cfg all`: the MTP summary line, as a YAML comment printed above Hydra's
     config (`# MTP D = 2 (w_k = 1/D), λ 0.3, then 0.1 from ...`). A configuration that would be

@@ -1,0 +1,40 @@
+"""Plan many configurations in one process (`python tests/plan_jobs.py < jobs.json > plans.json`).
+
+Each job is a list of the planner's command-line overrides; the answer for each is the planner's JSON
+report, or {"error": <the one-line message>} for a configuration it refuses. The meta-device parameter
+table is built once per distinct model and MTP depth count (the rest of a plan is arithmetic). Runs in
+its own process: the planner builds in a one-process group and puts torch in Megatron's CPU mode.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def plan_all(jobs: list[list[str]]) -> list[dict]:
+    from mtp_plugin.plan import check_plan, plan_experiment
+    from mtp_plugin.plan.build import parameter_table
+    from mtp_plugin.train.hydra_app import ConfigError, compose_experiment
+
+    tables: dict[str, list] = {}
+    out = []
+    for overrides in jobs:
+        try:
+            experiment = compose_experiment(overrides)
+            try:
+                check_plan(experiment)  # before any build, as the CLI does
+            except (ValueError, OSError) as err:
+                raise ConfigError(f"error: {err}") from None
+            key = repr((experiment.model, experiment.mtp.num_depths))
+            if key not in tables:
+                tables[key] = parameter_table(experiment)
+            plan = plan_experiment(experiment, records=tables[key])
+        except ConfigError as err:
+            plan = {"error": err.message}
+        out.append(plan)
+    return out
+
+
+if __name__ == "__main__":
+    json.dump(plan_all(json.load(sys.stdin)), sys.stdout)
