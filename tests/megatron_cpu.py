@@ -1,9 +1,13 @@
 """Run real Megatron-Core on CPU over gloo, for tests only.
 
-The product never patches Megatron; these shims exist so that multi-process tests can exercise
-pipeline and expert parallelism on a machine without a GPU. Each shim is the smallest change that
-gets past one hard-coded CUDA assumption (see /work/shared/PLATFORM.md, "Megatron-Core on CPU over
-gloo"). Works with megatron-core 0.16.1 and 0.19.x.
+What the product itself changes at run time is listed in README ("What the plugin changes at run
+time") and measured by tests/train/test_runtime_changes.py: on CPU, torch.cuda's device, synchronize and
+stream queries plus a TorchFunctionMode (mtp_plugin.train.cpu); on megatron-core 0.16.x,
+`moe_utils.te_general_gemm = None` (mtp_plugin.megatron.compat). `install_cpu_shims` applies those and
+one test-only shim: Megatron's alltoall token dispatcher made to run on CPU, for the model-level tests
+that exercise the dispatcher GPU runs use. The product refuses alltoall on CPU (the app and the Trainer),
+so no training-loop test uses it (tests/train_tiny.py: allgather). Works with megatron-core 0.16.1 and
+0.19.x; see /work/shared/PLATFORM.md, "Megatron-Core on CPU over gloo".
 
 Also here: a tiny GPTModel builder (local spec, fp32, CPU init, optional MoE and native MTP) and a
 forward/backward runner over several microbatches, shared by the distributed tests.
@@ -47,7 +51,8 @@ def install_cpu_shims(*, cuda_to_cpu_mode: bool = True) -> None:
       stream and synchronize queries answered by the CPU; `device="cuda"` mapped to CPU);
     - the plugin's megatron-core 0.16.1 router fix (`mtp_plugin.megatron.compat`), for native models;
     - test-only, on Megatron's alltoall dispatcher: split sizes converted to numpy with no CUDA stream,
-      so that tests can exercise the alltoall dispatcher on CPU.
+      so that model-level tests can exercise the alltoall dispatcher on CPU (the product's CPU runs
+      use allgather; its Trainer refuses alltoall without CUDA).
     """
     global _INSTALLED
     if _INSTALLED:

@@ -94,7 +94,7 @@ def tiny_experiment(train_prefix: str, valid_prefix: str | None, *, pp: int = 1,
             moe_ffn_hidden_size=32,
             moe_shared_expert_size=32,
             first_dense_layers=1,
-            moe_token_dispatcher_type="alltoall",
+            moe_token_dispatcher_type="allgather",  # what a CPU run of the product uses (train.cpu)
         ),
         mtp=MTPConfig(
             num_depths=2,

@@ -9,7 +9,7 @@ a TorchFunctionMode maps `device="cuda"` / `.cuda()` to the CPU. The training en
 when `torch.cuda.is_available()` is false, so a GPU run never sees it. It is process-wide.
 
 The alltoall token dispatcher needs a CUDA stream for its split sizes, so CPU runs use the allgather
-dispatcher (`check_cpu_run` says so before anything is built).
+dispatcher (`check_cpu_run` says so before anything is built; the app and the Trainer call it).
 """
 
 from __future__ import annotations

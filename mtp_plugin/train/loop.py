@@ -125,6 +125,11 @@ def _dtype(name: str) -> torch.dtype:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, *, print_fn: Callable[[str], None] | None = None) -> None:
+        if not torch.cuda.is_available():
+            from mtp_plugin.train.cpu import check_cpu_run
+
+            # The app checks this at launch too; a Trainer built directly is held to the same rule.
+            check_cpu_run(cfg.model)
         if not torch.distributed.is_initialized():
             raise RuntimeError("Trainer needs torch.distributed initialised (see mtp_plugin.train.launch)")
         self.cfg = cfg

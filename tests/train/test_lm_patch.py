@@ -89,35 +89,42 @@ def test_get_batch_layouts_of_both_megatron_lm_generations():
 
 def _builder_worker(untied: bool) -> dict:
     """core_v0.16 - v0.18 path: Megatron-LM's gpt_builder (here a stand-in with its signature that builds a
-    native-MTP GPTModel the way gpt_builders.py does) wrapped by lm_patch.mtp_gpt_builder."""
+    native-MTP GPTModel the way gpt_builders.py does) wrapped by lm_patch.mtp_gpt_builder, trained one
+    step through Megatron's schedule beside the unwrapped native model with the same weights."""
     import torch
-    from megatron_cpu import TinyGPT, build_tiny_gpt, make_microbatches, seed_megatron
+    from megatron_cpu import TinyGPT, build_tiny_gpt, forward_backward, make_microbatches, seed_megatron
+    from megatron_cpu import plugin_forward_backward as plugin_step
 
-    from mtp_plugin.megatron import MTPGPTModel, MTPMetrics, mtp_forward_step
+    from mtp_plugin.megatron import MTPGPTModel, MTPMetrics
     from mtp_plugin.megatron.lm_patch import mtp_gpt_builder
 
+    lam = 0.3
     shape = TinyGPT(
-        num_layers=2, num_moe_experts=4, mtp_num_layers=2, share_embeddings_and_output_weights=not untied
+        num_layers=2,
+        num_moe_experts=4,
+        mtp_num_layers=2,
+        mtp_loss_scaling_factor=lam,
+        share_embeddings_and_output_weights=not untied,
     )
 
     def gpt_builder(args, pre_process, post_process, vp_stage=None, config=None, pg_collection=None):
         return build_tiny_gpt(shape)
 
     seed_megatron(5)
-    native = {n: p.detach().clone() for n, p in build_tiny_gpt(shape).named_parameters()}
+    native = build_tiny_gpt(shape)
     seed_megatron(5)
-    args = _parse("--mtp-plugin-chunk-tokens", "7")
-    model = mtp_gpt_builder(gpt_builder)(args, True, True)
+    model = mtp_gpt_builder(gpt_builder)(_parse("--mtp-plugin-chunk-tokens", "7"), True, True)
     from parity.test_megatron_parity import native_to_plugin_name
 
-    renamed = {native_to_plugin_name(n): v for n, v in native.items()}
+    renamed = {native_to_plugin_name(n): p for n, p in native.named_parameters()}
     same_init = renamed.keys() == dict(model.named_parameters()).keys() and all(
-        torch.equal(p.detach(), renamed[n]) for n, p in model.named_parameters()
+        torch.equal(p.detach(), renamed[n].detach()) for n, p in model.named_parameters()
     )
+    batches = make_microbatches(shape, 1, 2, seed=1, mask_tail=2)
+    native_out = forward_backward(native, batches)  # Megatron's own MTP loss and tracker
     metrics = MTPMetrics(2)
-    (batch,) = make_microbatches(shape, 1, 2, seed=1)
-    output, loss_func = mtp_forward_step(iter([batch]), model, lam=0.3, metrics=metrics)
-    loss, num_tokens, report = loss_func(output)
+    (report,) = plugin_step(model, batches, lam=lam, metrics=metrics)
+    stats = metrics.reduce()
     return {
         "is_mtp_model": isinstance(model, MTPGPTModel) and not hasattr(model, "mtp"),
         "depths": len(model.mtp_stack.depths),
@@ -125,13 +132,17 @@ def _builder_worker(untied: bool) -> dict:
         "mtp_mlp": type(model.mtp_stack.depths[0].block.layer.mlp).__name__,
         "same_init": same_init,
         "report_keys": sorted(report),
-        "finite": bool(torch.isfinite(loss)),
+        "lm": (float(native_out["lm_loss"][0]), float(report["lm loss"][0] / report["lm loss"][1])),
+        "depth": (native_out["mtp_tracker"].tolist(), [stats["mtp_1 loss"], stats["mtp_2 loss"]]),
+        "grads": {n: (renamed[n].grad.clone(), p.grad.clone()) for n, p in model.named_parameters()},
     }
 
 
 @pytest.mark.megatron
 @pytest.mark.parametrize("untied", [False, True], ids=["tied", "untied"])
 def test_builder_wrapper_turns_megatrons_own_model_into_the_plugins(untied):
+    import torch
+
     (out,) = run_distributed(_builder_worker, 1, untied, parallel={}, timeout=120)
     assert out["is_mtp_model"] and out["depths"] == 2 and out["chunk"] == 7
     assert out["mtp_mlp"] == "MoELayer"  # Megatron's MTP layer spec: the trunk's last (MoE) layer
@@ -143,4 +154,12 @@ def test_builder_wrapper_turns_megatrons_own_model_into_the_plugins(untied):
         "mtp_2 acceptance",
         "mtp_2 loss",
     ]
-    assert out["finite"]
+    # The same numbers as Megatron's native MTP on the builder's unwrapped model: main and per-depth
+    # losses, and every parameter's gradient of L_main + λ/D Σ_k L_k (chunked here, 7-token chunks).
+    native_lm, plugin_lm = out["lm"]
+    assert plugin_lm == pytest.approx(native_lm, rel=1e-6) and 4.0 < native_lm < 5.2  # ~ln 96 untrained
+    native_depth, plugin_depth = out["depth"]
+    assert plugin_depth == pytest.approx(native_depth, rel=1e-5)
+    assert native_depth[0] != native_depth[1]  # two depths, two different losses
+    for name, (native_grad, plugin_grad) in out["grads"].items():
+        torch.testing.assert_close(plugin_grad, native_grad, rtol=1e-5, atol=1e-7, msg=name)
