@@ -16,6 +16,7 @@ Settings that are the test cluster's, not the scripts' (PLATFORM.md "A real Slur
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -92,7 +93,8 @@ class LocalSlurm:
         self.root, self.nodes, self.cpus_per_node = Path(root), nodes, cpus_per_node
         self.conf = self.root / "slurm.conf"
         self.munge_dir = self.root / "munge"
-        self._pid_files: list[Path] = []
+        self._munge_pid_file = self.munge_dir / "munged.pid"
+        self._slurm_pid_files: list[Path] = []
 
     @property
     def env(self) -> dict[str, str]:
@@ -111,7 +113,7 @@ class LocalSlurm:
         key = self.munge_dir / "munge.key"
         as_munge = ["runuser", "-u", "munge", "--"]
         subprocess.run([*as_munge, _sbin("mungekey"), "-c", "-k", str(key)], check=True, capture_output=True)
-        pid = self.munge_dir / "munged.pid"
+        pid = self._munge_pid_file
         subprocess.run(
             [
                 *as_munge, _sbin("munged"), f"--socket={self.munge_dir / 'socket'}", f"--key-file={key}",
@@ -120,7 +122,6 @@ class LocalSlurm:
             ],
             check=True, capture_output=True,
         )  # fmt: skip
-        self._pid_files.append(pid)
 
     def _write_conf(self) -> None:
         ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
@@ -167,10 +168,10 @@ class LocalSlurm:
         self._start_munge()
         self._write_conf()
         self._run(_sbin("slurmctld"), "-i")
-        self._pid_files.append(self.root / "slurmctld.pid")
+        self._slurm_pid_files.append(self.root / "slurmctld.pid")
         for name in self.nodes:
             self._run(_sbin("slurmd"), "-N", name)
-            self._pid_files.append(self.root / f"slurmd.{name}.pid")
+            self._slurm_pid_files.append(self.root / f"slurmd.{name}.pid")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             states = self._run("sinfo", "-h", "-N", "-o", "%N %t", check=False).stdout.split()
@@ -180,14 +181,16 @@ class LocalSlurm:
         raise RuntimeError(f"the nodes did not come up: {states}\n{self.logs()}")
 
     def stop(self) -> None:
-        """Stop every daemon (slurmd first, munged last) and wait until each is gone."""
-        for pid_file in reversed(self._pid_files):
-            try:
-                pid = int(pid_file.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                continue
-            _terminate(pid)
-        self._pid_files.clear()
+        """Stop the Slurm daemons together, then munged, and wait until each is gone."""
+        for pid_files in (self._slurm_pid_files, [self._munge_pid_file]):
+            pids = []
+            for pid_file in pid_files:
+                try:
+                    pids.append(int(pid_file.read_text().split()[0]))
+                except (OSError, ValueError, IndexError):
+                    continue
+            _terminate(pids)
+        self._slurm_pid_files.clear()
 
     def logs(self) -> str:
         return "\n".join(
@@ -237,19 +240,26 @@ class LocalSlurm:
         raise TimeoutError(f"job {job_id} still {job['JobState']} after {timeout} s")
 
 
-def _terminate(pid: int, grace: float = 10) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
+def _terminate(pids: list[int], grace: float = 10) -> None:
+    """SIGTERM every pid, SIGKILL those still alive `grace` seconds later."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
         time.sleep(0.1)
-    os.kill(pid, signal.SIGKILL)
+        alive = [pid for pid in alive if _alive(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def job_processes(job_id: int) -> list[str]:

@@ -49,7 +49,8 @@ class TrainingConfig:
       --check-for-nan-in-loss-and-grad); "skip": count the iteration without updating (as Megatron-LM's
       loss scaler skips overflowing steps), stopping after 10 skips in a row.
     exit_signals: signals that make the run finish its iteration, save, and exit with code 3 (rerun the same
-      command to resume); a second one aborts at once (Megatron-LM's --exit-signal-handler). []: none.
+      command to resume); a second one aborts at once (Megatron-LM's --exit-signal-handler), except the same
+      signal within a second of the first (Slurm signals every process and launchers forward it too). []: none.
     keep_last_checkpoints: keep only the newest N finished checkpoints under save_dir; 0 keeps all.
     """
 

@@ -72,19 +72,29 @@ class ExitSignals:
     """Megatron-LM's --exit-signal-handler: the first of `names` only sets `received`, the loop agrees on it
     across ranks, saves and exits; a second one raises SignalAbort wherever the process is.
 
+    The same signal again within `repeat_window_s` of the first is that first request delivered twice, not a
+    second one: Slurm (a time limit, scancel) and a terminal's Ctrl-C signal every process of the job or
+    process group, and torchrun or DeepSpeed's launcher forward what they received to their ranks as well.
+
     Signal handlers belong to the main thread; elsewhere (or with no names) this does nothing."""
 
-    def __init__(self, names: list[str], print_fn: Callable[[str], None]) -> None:
+    def __init__(
+        self, names: list[str], print_fn: Callable[[str], None], *, repeat_window_s: float = 1.0
+    ) -> None:
         self.signums = [getattr(signal, name) for name in names]
         self.received: int | None = None
+        self._received_at = 0.0
+        self._repeat_window_s = repeat_window_s
         self._print = print_fn
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None:
+        now = time.monotonic()
+        if self.received is None:
+            self.received, self._received_at = signum, now
+        elif signum != self.received or now - self._received_at > self._repeat_window_s:
             self._print(f" second {signal.Signals(signum).name}: aborting without saving")
             raise SignalAbort(128 + signum)
-        self.received = signum
 
     def __enter__(self) -> ExitSignals:
         if threading.current_thread() is threading.main_thread():

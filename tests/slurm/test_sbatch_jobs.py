@@ -18,6 +18,7 @@ when the warning comes.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -42,7 +43,10 @@ from mtp_plugin.train import logs
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SCRIPT = REPO / "slurm" / "train.sbatch"
-TRAIN_ITERS = 100
+TRAIN_ITERS = 50
+# After the test shortens the limit (at iteration 3), Slurm's warning comes within its 30-s check
+# period; the time-limited run must still be training then, on however fast a machine.
+TRAINING_AFTER_SHORTENING_S = 42
 LOSSES = ("lm loss", "mtp_1 loss", "mtp_2 loss")
 SHAPE = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=10"]
 
@@ -152,8 +156,16 @@ def test_time_limit_warning_saves_requeues_and_resumes_to_the_uninterrupted_loss
     cluster, workdir, completed_job
 ):
     reference = _iterations(completed_job[1])
-    # Evaluating every iteration (forward only, fixed validation batches) slows the run, not its numbers.
-    args = _overrides(workdir, "training.eval_interval=1", "training.eval_iters=4")
+    # Evaluating every iteration (forward only, fixed validation batches) slows the run, not its numbers:
+    # enough batches, from the uninterrupted job's pace, to train TRAINING_AFTER_SHORTENING_S after
+    # iteration 3 (one validation batch costs about half a training iteration).
+    step_s = (
+        sorted(reference[it]["elapsed time per iteration (ms)"] for it in reference)[len(reference) // 2]
+        / 1e3
+    )
+    wanted_step_s = TRAINING_AFTER_SHORTENING_S / (TRAIN_ITERS - 3)
+    eval_iters = min(100, max(1, math.ceil((wanted_step_s / step_s - 1) / 0.5)))
+    args = _overrides(workdir, "training.eval_interval=1", f"training.eval_iters={eval_iters}")
     job_id = cluster.sbatch(*SHAPE, "--signal=B:USR1@150", "--job-name=limit", str(SCRIPT), *args,
                             cwd=workdir, env=_job_env("srun"))  # fmt: skip
     events: dict[str, float] = {}
@@ -173,7 +185,7 @@ def test_time_limit_warning_saves_requeues_and_resumes_to_the_uninterrupted_loss
 
     job = cluster.wait(job_id, timeout=420, on_poll=on_poll)
     log = _log(workdir, "limit", job_id)
-    print(f"\njob {job_id} (srun, requeued): {job['JobState']} {job['ExitCode']} restarts {job['Restarts']}, "
+    print(f"\njob {job_id} (srun, requeued, eval_iters {eval_iters} at {step_s:.3f} s/iteration): {job['JobState']} {job['ExitCode']} restarts {job['Restarts']}, "
           f"in {time.monotonic() - start:.0f} s; {events}\n{_tail(log)}")  # fmt: skip
     assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", "1"), _tail(log, 80)
     assert "shortened" in events and "restored" in events, events

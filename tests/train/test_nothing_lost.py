@@ -244,9 +244,14 @@ def test_a_second_signal_aborts_at_once():
     from mtp_plugin.train.loop import ExitSignals, SignalAbort
 
     lines: list[str] = []
-    with ExitSignals(["SIGUSR1"], lines.append) as signals:
+    with ExitSignals(["SIGUSR1"], lines.append, repeat_window_s=0.3) as signals:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert signals.received == signal.SIGUSR1
+        # The same signal again at once is the first one delivered twice (Slurm signals every process of a
+        # step, torchrun forwards it to its workers as well): it must not abort the save.
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.4)
+        assert lines == []
         with pytest.raises(SignalAbort) as err:
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(1)  # the handler runs at the next bytecode
