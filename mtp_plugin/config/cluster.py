@@ -15,6 +15,7 @@ class ClusterConfig:
     num_nodes x gpus_per_node is the world size the planner sizes a layout for (a local run's world size is
       what torchrun starts). device_memory_gib: memory of one accelerator, the planner's "fits" limit.
     partition / account / time_limit: Slurm's --partition, --account, --time (null: the site's defaults).
+    `sbatch_options()`: those as the options of `sbatch slurm/train.sbatch` (one task, i.e. rank, per GPU).
     """
 
     launcher: str = "local"
@@ -41,3 +42,20 @@ class ClusterConfig:
     @property
     def world_size(self) -> int:
         return self.num_nodes * self.gpus_per_node
+
+    def sbatch_options(self) -> list[str]:
+        """sbatch options that allocate this cluster for the scripts under slurm/ (one task per GPU)."""
+        if self.launcher != "slurm":
+            raise ValueError(
+                f"cluster.launcher={self.launcher!r} is not launched by sbatch; use cluster=slurm"
+            )
+        options = [f"--nodes={self.num_nodes}", f"--ntasks-per-node={self.gpus_per_node}"]
+        options.append(f"--gpus-per-node={self.gpus_per_node}")
+        for flag, value in (
+            ("partition", self.partition),
+            ("account", self.account),
+            ("time", self.time_limit),
+        ):
+            if value:
+                options.append(f"--{flag}={value}")
+        return options

@@ -97,7 +97,16 @@ def plan_experiment(
         "rho": rho_by_depth(experiment.model, flops, D),
         "stage_tflops": [c / 1e12 for c in placements[0].stage_costs],
         "placements": [p.to_json() for p in placements],
+        "sbatch": _sbatch_command(experiment),
     }
+
+
+def _sbatch_command(experiment: ExperimentConfig) -> str | None:
+    """How to submit this run to a Slurm cluster (slurm/README.md), or None for a local one."""
+    if experiment.cluster.launcher != "slurm":
+        return None
+    script = "slurm/deepspeed.sbatch" if experiment.backend.name == "deepspeed" else "slurm/train.sbatch"
+    return " ".join(["sbatch", *experiment.cluster.sbatch_options(), script])
 
 
 def _count(n: float) -> str:
@@ -148,4 +157,6 @@ def format_report(report: dict, name: str = "") -> str:
         lines.append(
             f"  {'':<11} stage TFLOPs/micro-batch: " + " ".join(f"{c:.3g}" for c in p["stage_tflops"])
         )
+    if report.get("sbatch"):
+        lines += ["", f"launch: {report['sbatch']} <the same overrides>"]
     return "\n".join(lines)

@@ -126,6 +126,9 @@ def test_deepseek_v3_plan_matches_the_published_sizes(plans):
     # A loss stage of its own leaves the head alone on a stage: slower than `last` at this shape.
     assert names["mtp_stage"]["step_time_rel"] > 1.0
     assert names["standalone"]["layout"].endswith("|m|L")
+    # The sbatch line of cluster=h800_2048: the allocation slurm/deepseek_v3_671b.sbatch asks for.
+    assert plan["sbatch"] == "sbatch --nodes=256 --ntasks-per-node=8 --gpus-per-node=8 slurm/train.sbatch"
+    assert plans["cluster=local"]["sbatch"] is None
 
 
 def test_split_placement_balances_three_depths(plans):

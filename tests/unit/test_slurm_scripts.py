@@ -11,6 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from train_tiny import REPO
 
+from mtp_plugin.config import ClusterConfig
 from mtp_plugin.train.hydra_app import CONFIG_DIR, register_configs, to_experiment
 
 SCRIPTS = sorted((REPO / "slurm").glob("*.sbatch"))
@@ -32,7 +33,10 @@ def test_the_671b_script_allocates_the_deepseek_v3_plan():
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         experiment = to_experiment(compose(config_name="config", overrides=["experiment=deepseek_v3_671b"]))
     cluster, par = experiment.cluster, experiment.parallel
-    assert cluster.launcher == "slurm"
+    # The allocation `python -m mtp_plugin.plan experiment=deepseek_v3_671b` prints as its sbatch line.
+    assert cluster.sbatch_options() == [
+        f"--{k}={options[k]}" for k in ("nodes", "ntasks-per-node", "gpus-per-node")
+    ]
     assert int(options["nodes"]) == cluster.num_nodes == 256
     # One srun task (rank) per GPU.
     assert int(options["ntasks-per-node"]) == int(options["gpus-per-node"]) == cluster.gpus_per_node == 8
@@ -54,3 +58,16 @@ def test_every_script_warns_before_its_limit_and_can_requeue(script):
     text = script.read_text()
     assert 'source "$slurm_dir/mtp_launch.sh"' in text
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_sbatch_options_of_a_cluster():
+    cluster = ClusterConfig(
+        launcher="slurm", num_nodes=4, gpus_per_node=8, partition="gpu", time_limit="04:00:00"
+    )
+    assert cluster.sbatch_options() == [
+        "--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--partition=gpu", "--time=04:00:00",
+    ]  # fmt: skip
+    with pytest.raises(
+        ValueError, match="cluster.launcher='local' is not launched by sbatch; use cluster=slurm"
+    ):
+        ClusterConfig().sbatch_options()
