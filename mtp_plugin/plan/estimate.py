@@ -7,7 +7,7 @@ Parameters per stage follow Megatron's rules for what a GPTModel stage holds: th
 stage with `E` and on the MTP stage (its copy), decoder layer i where the layout puts it, the trunk's
 final norm with its last layer when MTP is on (else on the loss stage), the MTP depths on the MTP stage,
 the output layer on the loss stage (a tied head there is one more copy of the embedding unless the stage
-also holds `E`). Per GPU, tensor-parallel weights divide by the tensor-parallel size and routed experts
+holds the table already, for `E` or for MTP). Per GPU, tensor-parallel weights divide by the tensor-parallel size and routed experts
 by the expert-parallel size.
 
 Memory per GPU (bytes per parameter): weights 2 (bf16) or 4, gradients 4 (Megatron DDP reduces in fp32),
@@ -187,8 +187,9 @@ def stage_params(
         name = record.name
         if name.startswith("embedding."):
             targets = list(embed_stages)
-            # A tied head on a stage without the embedding is a copy of the table (output_layer.weight).
-            if tied and name == "embedding.word_embeddings.weight" and "E" not in stages[loss_stage]:
+            # A tied head on a stage without the table (no E, no MTP) holds a copy of it (output_layer.weight).
+            loss_has_table = loss_stage in embed_stages
+            if tied and name == "embedding.word_embeddings.weight" and not loss_has_table:
                 targets.append(loss_stage)
         elif name.startswith("decoder.layers."):
             targets = [layer_stage[int(name.split(".")[2])]]

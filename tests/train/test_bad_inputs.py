@@ -171,6 +171,27 @@ CASES = [
         None,
         "error: mtp.lambda_schedule.value=0.1 is not used by kind='linear'",
     ),
+    # -- DeepSeek-shaped models: MLA dimensions, RoPE, routing, recompute (the planner refuses them alike)
+    (
+        "mla-latent-wider-than-hidden",
+        ["model.multi_latent_attention=true", "model.kv_lora_rank=64"],
+        None,
+        "model.kv_lora_rank=64 exceeds model.hidden_size=32",
+    ),
+    ("yarn-without-mla", ["model.rope_type=yarn"], None, "needs model.multi_latent_attention=true"),
+    (
+        "expert-bias-with-softmax",
+        ["model.moe_router_enable_expert_bias=true"],
+        None,
+        "needs model.moe_router_score_function=sigmoid",
+    ),
+    (
+        "router-groups-vs-experts",
+        ["model.moe_router_num_groups=3", "model.moe_router_group_topk=1"],
+        None,
+        "model.moe_router_num_groups=3 must divide model.num_experts=4",
+    ),
+    ("recompute-without-method", ["parallel.recompute_granularity=full"], None, "parallel.recompute_method"),
     ("layers-vs-stages", ["parallel=pp2", "model.num_layers=3"], None, "model.num_layers=3 cannot be split"),
     (
         "mtp-stage-out-of-range",

@@ -33,9 +33,11 @@ REAL_VOCAB = 512  # the tiny corpus's
 
 
 def _stage_jobs() -> dict[str, list[str]]:
+    tied = "model.untie_embeddings_and_output_weights=false"
     jobs = {
         "toy": ["model=toy"],
-        "toy-tied": ["model=toy", "model.untie_embeddings_and_output_weights=false"],
+        "toy-tied": ["model=toy", tied],  # the loss stage's table serves MTP and the head
+        "toy-tied-D0": ["model=toy", tied, "mtp=off"],  # the loss stage holds a copy of the table
         "small": ["model=small"],
     }
     for name in shipped_model_names():
@@ -44,7 +46,7 @@ def _stage_jobs() -> dict[str, list[str]]:
                 *scaled_model_overrides(name, vocab_size=REAL_VOCAB),
                 f"data.eod_id={REAL_VOCAB - 1}",
             ]
-    return {k: [*v, "parallel=pp2", "mtp=d2"] for k, v in jobs.items()}
+    return {k: [*v, "parallel=pp2", *([] if "mtp=off" in v else ["mtp=d2"])] for k, v in jobs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +133,7 @@ def test_deepseek_v3_plan_matches_the_published_sizes(plans):
     assert plans["cluster=local"]["sbatch"] is None
 
 
-def test_split_placement_balances_three_depths(plans):
+def test_split_placement_puts_one_depth_per_stage(plans):
     names = {p["name"]: p for p in plans["mtp=d3"]["placements"]}
     assert set(names) == {"configured", "last"}  # one stage: nothing to place
     # pp=2 with D=2: split needs a stage per depth.
