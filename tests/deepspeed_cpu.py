@@ -129,14 +129,22 @@ def train_pipeline(
     batches = pipe_batches(
         samples, micro_batch_size=micro_batch_size, dp_rank=engine.grid.get_data_parallel_id(), dp_size=dp
     )
+    from mtp_plugin.deepspeed.meter import DeepSpeedRhoMeter
+
+    meter = DeepSpeedRhoMeter(model, mtp.num_depths).attach(pipe, loss)
+    window = MTPMetrics(mtp.num_depths)
     losses, depth_metrics = [], []
     for _ in range(steps):
         metrics = MTPMetrics(mtp.num_depths)
         loss.metrics = metrics
         losses.append(float(engine.train_batch(batches)))
+        meter.end_step()
+        window.merge(metrics)
         depth_metrics.append(
             metrics.reduce(engine.grid.get_data_parallel_group()) if engine.is_last_stage() else {}
         )
+    local_flops = meter.local_flops()
+    rho = meter.reduce(metrics=window, elapsed_s=1.0)
     tied = {key: module.weight.detach().clone() for key, module in pipe.tied_modules.items()}
     return {
         "stage": engine.stage_id,
@@ -145,6 +153,8 @@ def train_pipeline(
         "tied": tied,
         "parts": list(pipe.parts),
         "initial_embed": initial_embed,
+        "local_flops": local_flops,
+        "rho": rho,
     }
 
 

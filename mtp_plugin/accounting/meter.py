@@ -26,6 +26,7 @@ __all__ = [
     "bits_ceiling",
     "bits_effective",
     "pack_window",
+    "reduce_window",
     "rho_log_fields",
 ]
 
@@ -163,3 +164,34 @@ def window_flops(tally: FlopTally, extra: Mapping[str, float] | None = None) -> 
     for key, value in (extra or {}).items():
         out[key] = out.get(key, 0.0) + value
     return out
+
+
+def reduce_window(
+    vector: torch.Tensor,
+    group=None,
+    *,
+    num_depths: int,
+    vocab_size: int,
+    n_active: float,
+    peak_tflops: float | None = None,
+) -> dict[str, float]:
+    """Sum one rank's `pack_window` vector over `group` (default: the world; one all-reduce on the group's
+    device) and turn the sum into `rho_log_fields`. Call on every rank of the group."""
+    import torch.distributed as dist
+
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        group = group if group is not None else dist.group.WORLD
+        world = dist.get_world_size(group)
+        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        vector = vector.to(device)
+        dist.all_reduce(vector, group=group)
+        vector = vector.cpu()
+    return rho_log_fields(
+        vector,
+        num_depths=num_depths,
+        world_size=world,
+        vocab_size=vocab_size,
+        n_active=n_active,
+        peak_tflops=peak_tflops,
+    )

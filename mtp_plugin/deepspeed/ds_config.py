@@ -48,6 +48,9 @@ def generated_ds_config(cfg: ExperimentConfig, *, data_parallel_size: int) -> di
                 "betas": [tr.adam_beta1, tr.adam_beta2],
                 "eps": tr.adam_eps,
                 "weight_decay": tr.weight_decay,
+                # torch.optim.AdamW, not DeepSpeed's FusedAdam: that is a C++/CUDA op DeepSpeed JIT-compiles
+                # on first use (minutes; a CUDA toolkit on GPU hosts) when its ops were not prebuilt.
+                "torch_adam": True,
             },
         },
         # The plugin prints its own per-interval log line; DeepSpeed's would repeat it every step.

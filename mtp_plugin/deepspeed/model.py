@@ -42,23 +42,39 @@ HEAD_KEY = "head"
 
 
 class Embedding(nn.Module):
-    """The token embedding table [V_padded, h]; also the output head when the weights are tied."""
+    """The token embedding table [V_padded, h]; also the output head when the weights are tied.
+
+    Its own forward is the first layer (token ids -> (h, ids, aux)): DeepSpeed saves and loads a tied
+    module only through a layer that calls it without a `forward_fn`, and then copies it to the other
+    stages, so the first occurrence of each tied key must be such a layer.
+    """
 
     def __init__(self, vocab_size: int, hidden_size: int, std: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
         nn.init.normal_(self.weight, std=std)
 
-    def forward(self, ids_bs: torch.Tensor) -> torch.Tensor:
+    def lookup(self, ids_bs: torch.Tensor) -> torch.Tensor:
         return nn.functional.embedding(ids_bs, self.weight)
 
+    def forward(self, inputs) -> tuple[torch.Tensor, ...]:
+        """token ids -> (h, ids, aux); `aux` is a leaf that needs a gradient (the pipe sends one back)."""
+        ids_bs = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
+        h_bsh = self.lookup(ids_bs)
+        aux = torch.zeros(1, dtype=h_bsh.dtype, device=h_bsh.device, requires_grad=True)
+        return h_bsh, ids_bs, aux
 
-def embed_input(embedding: Embedding, inputs) -> tuple[torch.Tensor, ...]:
-    """First layer: token ids -> (h, ids, aux). `aux` is a leaf that needs a gradient (the pipe sends one)."""
-    ids_bs = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
-    h_bsh = embedding(ids_bs)
-    aux = torch.zeros(1, dtype=h_bsh.dtype, device=h_bsh.device, requires_grad=True)
-    return h_bsh, ids_bs, aux
+
+class OutputHead(nn.Module):
+    """The untied output head's weight [V_padded, h]; its layer passes the tuple on to `loss_fn`."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, std: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size))
+        nn.init.normal_(self.weight, std=std)
+
+    def forward(self, inputs) -> tuple[torch.Tensor, ...]:
+        return inputs
 
 
 def embed_for_depth(depth: int):
@@ -66,14 +82,14 @@ def embed_for_depth(depth: int):
 
     def forward_fn(embedding: Embedding, inputs) -> tuple[torch.Tensor, ...]:
         ids_bs = inputs[-2]
-        return (*inputs, embedding(shift_left(ids_bs, depth)))
+        return (*inputs, embedding.lookup(shift_left(ids_bs, depth)))
 
     forward_fn.__name__ = f"embed_for_mtp_{depth}"
     return forward_fn
 
 
 def output_head(module: nn.Module, inputs) -> tuple[torch.Tensor, ...]:
-    """The head's layer passes the tuple on; `loss_fn` applies the head weight chunk by chunk."""
+    """The tied head's layer passes the tuple on; `loss_fn` applies the head weight chunk by chunk."""
     return inputs
 
 
@@ -114,21 +130,23 @@ class MTPDepthPipe(nn.Module):
         hidden = model.hidden_size
         self.depth_index = depth
         self.aux_coeff = model.moe_aux_loss_coeff
-        self.block = TransformerBlockOnly(transformer_layer(model, moe))
         eh_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        eh_proj._is_eh_proj = True  # the ρ meter counts it as an MTP projection
         nn.init.normal_(eh_proj.weight, std=model.init_method_std)
         self.mtp = MTPDepth(
             enorm=nn.RMSNorm(hidden, eps=NORM_EPS),
             hnorm=nn.RMSNorm(hidden, eps=NORM_EPS),
             eh_proj=eh_proj,
-            block=self.block,
+            # Registered once, inside the core MTPDepth: a second attribute would give the MoE experts two
+            # state-dict names, and DeepSpeed's MoE checkpointing saves per-expert files under one of them only.
+            block=TransformerBlockOnly(transformer_layer(model, moe)),
             final_norm=nn.RMSNorm(hidden, eps=NORM_EPS),
         )
 
     def forward(self, inputs) -> tuple[torch.Tensor, ...]:
         *hiddens, ids_bs, aux, emb_bsh = inputs
         h_bsh = self.mtp(hiddens[-1], emb_bsh)
-        aux = aux + self.aux_coeff * self.block.last_aux
+        aux = aux + self.aux_coeff * self.mtp.block.last_aux
         return (*hiddens, h_bsh, ids_bs, aux)
 
 
@@ -161,7 +179,8 @@ class MTPLoss:
     lam: float = 0.0
     metrics: object | None = None
     head_weight_fn: object = None  # set by the PipelineModule: () -> the head's weight on this stage
-    last_aux: torch.Tensor | None = None
+    # Rows the heads ran on in differentiated calls (main, all depths), for the ρ meter's head FLOPs.
+    scored_tokens: tuple[int, int] = (0, 0)
 
     def __call__(self, outputs, labels) -> torch.Tensor:
         *hiddens, ids_bs, aux = outputs
@@ -192,7 +211,12 @@ class MTPLoss:
             depth_counts = torch.stack(
                 [torch.stack([s.num_tokens.detach(), s.num_correct.detach()]) for s in stats]
             ).to(torch.float64)
-        self.last_aux = aux.detach().reshape(())
+        if torch.is_grad_enabled():
+            rows = hiddens[0].numel() // hiddens[0].shape[-1]
+            self.scored_tokens = (
+                self.scored_tokens[0] + rows,
+                self.scored_tokens[1] + rows * self.num_depths,
+            )
         if self.metrics is not None:
             self.metrics.update(main.loss_sum.detach(), main.num_tokens.detach(), depth_sums, depth_counts)
         return loss + aux.reshape(())
@@ -285,14 +309,16 @@ def layer_specs(model: ModelConfig, mtp: MTPConfig, moe: MoESettings | None) -> 
     trunk_moe = [
         moe if (moe is not None and i >= model.first_dense_layers) else None for i in range(model.num_layers)
     ]
-    specs: list = [TiedLayerSpec(EMBED_KEY, Embedding, vocab, hidden, std, forward_fn=embed_input)]
+    specs: list = [TiedLayerSpec(EMBED_KEY, Embedding, vocab, hidden, std)]
     specs += [LayerSpec(TrunkLayerPipe, model, trunk_moe[i]) for i in range(model.num_layers)]
     specs.append(LayerSpec(FinalNormPipe, hidden))
     for k in range(1, mtp.num_depths + 1):
         specs.append(TiedLayerSpec(EMBED_KEY, Embedding, vocab, hidden, std, forward_fn=embed_for_depth(k)))
         specs.append(LayerSpec(MTPDepthPipe, model, k, trunk_moe[-1]))
-    head_key = HEAD_KEY if model.untie_embeddings_and_output_weights else EMBED_KEY
-    specs.append(TiedLayerSpec(head_key, Embedding, vocab, hidden, std, forward_fn=output_head))
+    if model.untie_embeddings_and_output_weights:
+        specs.append(TiedLayerSpec(HEAD_KEY, OutputHead, vocab, hidden, std))
+    else:
+        specs.append(TiedLayerSpec(EMBED_KEY, Embedding, vocab, hidden, std, forward_fn=output_head))
     return specs
 
 
@@ -343,11 +369,25 @@ def _pipeline_module_cls():
         is the placement `mtp.placement` asks for, so `_partition_layers` takes it instead of a method.
         """
 
-        def __init__(self, *, model: ModelConfig, mtp: MTPConfig, loss: MTPLoss, moe, num_stages, **kwargs):
+        def __init__(
+            self,
+            *,
+            model: ModelConfig,
+            mtp: MTPConfig,
+            loss: MTPLoss,
+            moe,
+            num_stages,
+            topology=None,
+            **kwargs,
+        ):
             self._plan = stage_boundaries(model, mtp, num_stages)
             self._head_key = HEAD_KEY if model.untie_embeddings_and_output_weights else EMBED_KEY
             super().__init__(
-                layers=layer_specs(model, mtp, moe), num_stages=num_stages, loss_fn=loss, **kwargs
+                layers=layer_specs(model, mtp, moe),
+                num_stages=None if topology is not None else num_stages,
+                topology=topology,
+                loss_fn=loss,
+                **kwargs,
             )
             loss.head_weight_fn = self.head_weight
             self.model_config, self.mtp_config = model, mtp
@@ -392,17 +432,16 @@ def build_pipeline_module(
     """
     check_supported(model, mtp, num_stages=num_stages, zero_stage=zero_stage)
     moe = moe_settings(model, ep_size=ep_size, capacity_factor=capacity_factor, min_capacity=min_capacity)
-    kwargs = dict(topology=topology) if topology is not None else {}
     return _pipeline_module_cls()(
         model=model,
         mtp=mtp,
         loss=loss,
         moe=moe,
-        num_stages=None if topology is not None else num_stages,
+        num_stages=num_stages,
+        topology=topology,
         seed_layers=True,
         seed_fn=_manual_seed,
         base_seed=seed,
-        **kwargs,
     )
 
 

@@ -55,7 +55,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from mtp_plugin.accounting.flops import (
     AttentionShape,
@@ -72,7 +71,7 @@ from mtp_plugin.accounting.flops import (
     model_forward_flops,
     output_head_flops,
 )
-from mtp_plugin.accounting.meter import FlopTally, pack_window, rho_log_fields, window_flops
+from mtp_plugin.accounting.meter import FlopTally, pack_window, reduce_window, window_flops
 
 __all__ = ["RhoMeter", "n_active_from_config"]
 
@@ -473,18 +472,10 @@ class RhoMeter:
             target_counts=counts,
             loss_sums_nats=sums,
         )
-        world = 1
-        if dist.is_available() and dist.is_initialized():
-            group = group if group is not None else dist.group.WORLD
-            world = dist.get_world_size(group)
-            device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-            vector = vector.to(device)
-            dist.all_reduce(vector, group=group)
-            vector = vector.cpu()
-        return rho_log_fields(
+        return reduce_window(
             vector,
+            group,
             num_depths=d,
-            world_size=world,
             vocab_size=self.vocab_size,
             n_active=self._n_active,
             peak_tflops=self.peak_tflops,

@@ -38,6 +38,8 @@ RUN_CONFIG = "run_config.json"
 # Settings a checkpoint is bound to. Parallel layout, lr schedule, intervals and paths may change on resume.
 RUN_CONFIG_GROUPS = ("model", "mtp", "data")
 RESUMABLE_DATA_FIELDS = ("cache_dir",)
+# A finished backend=deepspeed checkpoint (DeepSpeed's engine files) holds this JSON: format, iteration, layout.
+DEEPSPEED_MARKER = "deepspeed_checkpoint.json"
 
 
 def run_config(cfg) -> dict[str, Any]:
@@ -98,7 +100,7 @@ def latest_checkpoint(directory: str | os.PathLike | None) -> Path | None:
     if not pointer.is_file():
         return None
     path = Path(directory) / pointer.read_text().strip()
-    if not (path / "metadata.json").is_file():
+    if not ((path / "metadata.json").is_file() or (path / DEEPSPEED_MARKER).is_file()):
         raise FileNotFoundError(
             f"{pointer} names {path.name}, which is missing or incomplete; point {pointer} at an existing "
             "iter_* directory or remove it to start fresh"
@@ -218,6 +220,23 @@ def save_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
+    def write(tmp: Path) -> None:
+        state = _sharded_state(model, optimizer, is_loading=False, common={"iteration": iteration, **common})
+        dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy())
+
+    return atomic_save(save_dir, iteration, write, run_config=run_config, keep_last=keep_last)
+
+
+def atomic_save(
+    save_dir: str | os.PathLike,
+    iteration: int,
+    write,
+    *,
+    run_config: dict[str, Any] | None = None,
+    keep_last: int = 0,
+) -> Path:
+    """The layout of the module docstring around `write(tmp)`, which every rank calls to fill `tmp`
+    (Megatron's dist_checkpointing or DeepSpeed's engine); return the final path."""
     save_dir = Path(save_dir)
     final = save_dir / checkpoint_name(iteration)
     tmp = save_dir / (final.name + ".tmp")
@@ -231,8 +250,7 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
     try:
-        state = _sharded_state(model, optimizer, is_loading=False, common={"iteration": iteration, **common})
-        dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy())
+        write(tmp)
     except BaseException:
         # `latest` still names the previous checkpoint; drop the partial one so no directory suggests a
         # checkpoint of this iteration exists. (Ranks that did not fail may still wait in a collective.)

@@ -322,7 +322,19 @@ _CHECKPOINT_NAME = re.compile(r"^iter_\d{7}$")
 
 
 def check_checkpoint(path: Path, pointer: Path) -> None:
-    """OSError naming the file unless `path` looks like a finished dist_checkpointing checkpoint."""
+    """OSError naming the file unless `path` looks like a finished dist_checkpointing checkpoint (or a
+    finished DeepSpeed one: the plugin's marker file, written after every rank's files)."""
+    from mtp_plugin.train.checkpoint import DEEPSPEED_MARKER
+
+    marker = path / DEEPSPEED_MARKER
+    if marker.is_file():
+        try:
+            json.loads(marker.read_bytes())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(
+                f"{marker} is not JSON; the checkpoint is damaged: point {pointer} at another iter_* directory"
+            ) from None
+        return
     metadata = path / "metadata.json"
     if not metadata.is_file():
         raise FileNotFoundError(
@@ -436,18 +448,18 @@ def train_from_config(
 
     quiet_megatron()
     experiment, notices = launch_experiment(cfg, output_dir, scan_tokens=scan_tokens)
-    if experiment.backend.name == "deepspeed":
-        raise ConfigError(
-            "error: backend=deepspeed does not train through the app yet; build it with mtp_plugin.deepspeed"
-        )
     # Megatron is imported only now, after every check that could reject the configuration.
     from mtp_plugin.train import logs
-    from mtp_plugin.train.loop import run
 
-    if not torch.cuda.is_available():
-        from mtp_plugin.train.cpu import enable_megatron_on_cpu
+    if experiment.backend.name == "deepspeed":
+        from mtp_plugin.train.ds_loop import run
+    else:
+        from mtp_plugin.train.loop import run
 
-        enable_megatron_on_cpu()
+        if not torch.cuda.is_available():
+            from mtp_plugin.train.cpu import enable_megatron_on_cpu
+
+            enable_megatron_on_cpu()
     log = logs.RunLog(Path(output_dir) / logs.TRAIN_LOG_NAME)  # what it prints, also in <run dir>/train.log
     if int(os.environ.get("RANK", "0")) == int(os.environ.get("WORLD_SIZE", "1")) - 1:  # the logging rank
         log(f" {experiment.mtp_summary()}")

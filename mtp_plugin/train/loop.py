@@ -180,17 +180,8 @@ class Trainer:
         cfg, par, tr = self.cfg, self.cfg.parallel, self.cfg.training
         plan = check_supported(cfg.model, par, cfg.mtp)
         self._broadcast_output_dirs()
-        # Before any model exists: a checkpoint of another model, MTP or data setup is refused in one line.
-        self.resume_from = ckpt.latest_checkpoint(tr.load_dir)
+        self._find_resume()
         if self.resume_from is not None:
-            differences = ckpt.run_config_differences(self.resume_from, ckpt.run_config(cfg))
-            if differences:
-                raise ResumeMismatchError(
-                    f"error: {self.resume_from} was written with another configuration: "
-                    + "; ".join(differences)
-                    + " (checkpoint vs this run); resume with the checkpoint's values, or point "
-                    "training.load_dir elsewhere (null starts fresh)"
-                )
             self._check_expert_layout(ckpt.saved_layout(self.resume_from))
         sizes = f"tp {par.tensor_model_parallel_size}, pp {par.pipeline_model_parallel_size}, ep {par.expert_model_parallel_size}"
         logs.startup(
@@ -283,6 +274,21 @@ class Trainer:
         self.tf_config.finalize_model_grads_func = finalize_model_grads
         self.tf_config.grad_scale_func = self.optimizer.scale_loss
 
+        self._build_data_and_metrics(model)
+        self.rho_meter = RhoMeter(
+            cfg.model, cfg.mtp, cfg.parallel, peak_tflops=tr.peak_tflops_per_device or None
+        ).attach([self.ddp])
+        if self.is_logging_rank:
+            found = optional_accelerators()
+            self._print(
+                " optional kernels: "
+                + ", ".join(f"{k} {'yes' if v else 'no (torch fallback)'}" for k, v in found.items())
+            )
+        self._maybe_resume()
+
+    def _build_data_and_metrics(self, model) -> None:
+        """After the model: the datasets and the per-depth metrics of steps, validation and log windows."""
+        cfg, tr = self.cfg, self.cfg.training
         n_params = sum(p.numel() for p in model.parameters())
         logs.startup(
             self._print,
@@ -294,16 +300,20 @@ class Trainer:
         self.valid_metrics = MTPMetrics(cfg.mtp.num_depths)
         # ρ: FLOPs this rank executed and bits it scored, summed over the cluster once per log interval.
         self.window_metrics = MTPMetrics(cfg.mtp.num_depths)
-        self.rho_meter = RhoMeter(
-            cfg.model, cfg.mtp, cfg.parallel, peak_tflops=tr.peak_tflops_per_device or None
-        ).attach([self.ddp])
-        if self.is_logging_rank:
-            found = optional_accelerators()
-            self._print(
-                " optional kernels: "
-                + ", ".join(f"{k} {'yes' if v else 'no (torch fallback)'}" for k, v in found.items())
-            )
-        self._maybe_resume()
+
+    def _find_resume(self) -> None:
+        """Before any model exists: the checkpoint to resume from; one of another model, MTP or data
+        setup is refused in one line."""
+        self.resume_from = ckpt.latest_checkpoint(self.cfg.training.load_dir)
+        if self.resume_from is not None:
+            differences = ckpt.run_config_differences(self.resume_from, ckpt.run_config(self.cfg))
+            if differences:
+                raise ResumeMismatchError(
+                    f"error: {self.resume_from} was written with another configuration: "
+                    + "; ".join(differences)
+                    + " (checkpoint vs this run); resume with the checkpoint's values, or point "
+                    "training.load_dir elsewhere (null starts fresh)"
+                )
 
     def _broadcast_output_dirs(self) -> None:
         # Each torchrun rank composed its own config; time-stamped Hydra directories can differ by a
@@ -551,6 +561,9 @@ class Trainer:
             run_config=ckpt.run_config(self.cfg),
             keep_last=self.cfg.training.keep_last_checkpoints,
         )
+        return self._saved(path)
+
+    def _saved(self, path: Path) -> Path:
         self.result.last_checkpoint = str(path)
         if self.is_logging_rank:
             self._print(f" saved checkpoint {path} at iteration {self.iteration}")
@@ -788,10 +801,14 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def run(cfg: ExperimentConfig, *, print_fn: Callable[[str], None] | None = None) -> TrainResult:
-    """Train `cfg` in this process (one rank of a torchrun job, or alone), then tear down."""
+def run(
+    cfg: ExperimentConfig, *, print_fn: Callable[[str], None] | None = None, trainer_cls: type | None = None
+) -> TrainResult:
+    """Train `cfg` in this process (one rank of a torchrun job, or alone), then tear down.
+
+    trainer_cls: the backend's Trainer (default: this module's, Megatron-Core)."""
     created = init_distributed()
-    trainer = Trainer(cfg, print_fn=print_fn)
+    trainer = (trainer_cls or Trainer)(cfg, print_fn=print_fn)
     try:
         trainer.setup()
         result = trainer.train()

@@ -1,7 +1,8 @@
 """MTP in a DeepSpeed PipelineModule, trained by DeepSpeed's own pipeline engine on CPU over gloo.
 
-One 1-process run and one 2-process run (two stages) share a model and data: their losses must agree, and
-the 2-stage run's tied embedding / head copies must be bit-identical on both stages after the steps.
+One 1-process run and one 2-process run (two stages) share a model and data: their losses must agree, the
+2-stage run's tied embedding / head copies must be bit-identical on both stages after the steps, and the ρ
+meter's FLOPs and bits summed over the two ranks must equal the one process's.
 """
 
 from __future__ import annotations
@@ -48,3 +49,13 @@ def test_one_stage_and_two_stages_train_alike_and_keep_tied_copies_identical():
     assert torch.equal(two[0]["tied"]["embed"], two[1]["tied"]["embed"])
     torch.testing.assert_close(two[1]["tied"]["embed"], one["tied"]["embed"], rtol=0, atol=1e-5)
     assert not torch.equal(one["tied"]["embed"], one["initial_embed"])
+    # ρ: the two stages' FLOPs (each its own share) sum to the one-stage run's, category by category, and
+    # the cluster sums (FLOPs, bits ceiling, bits effective) are the same numbers.
+    for category, flops in one["local_flops"].items():
+        assert two[0]["local_flops"][category] + two[1]["local_flops"][category] == pytest.approx(
+            flops, rel=1e-12
+        )
+    assert two[0]["local_flops"]["mtp_projections"] == 0 < two[1]["local_flops"]["mtp_projections"]
+    assert one["local_flops"]["experts"] > 0 and one["local_flops"]["head"] > 0
+    for key in ("flops", "bits ceiling", "bits effective", "targets mtp_2"):
+        assert two[0]["rho"][key] == two[1]["rho"][key] == pytest.approx(one["rho"][key], rel=1e-6), key
