@@ -135,7 +135,7 @@ def _dtype(name: str) -> torch.dtype:
 
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, *, print_fn: Callable[[str], None] | None = None) -> None:
-        if not torch.cuda.is_available():
+        if not torch.cuda.is_available() and cfg.backend.name == "megatron":
             from mtp_plugin.train.cpu import check_cpu_run
 
             # The app checks this at launch too; a Trainer built directly is held to the same rule.
