@@ -13,27 +13,34 @@ import sys
 
 
 def plan_all(jobs: list[list[str]]) -> list[dict]:
+    from hydra import compose, initialize_config_dir
+
+    from mtp_plugin.train import hydra_app
+
+    hydra_app.register_configs()
+    tables: dict[str, list] = {}
+    # One Hydra initialisation for every job (the CLI's compose_experiment makes one per call).
+    with initialize_config_dir(config_dir=str(hydra_app.CONFIG_DIR), version_base="1.3", job_name="plan"):
+        return [_plan_one(compose(config_name=hydra_app.CONFIG_NAME, overrides=job), tables) for job in jobs]
+
+
+def _plan_one(cfg, tables: dict[str, list]) -> dict:
     from mtp_plugin.plan import check_plan, plan_experiment
     from mtp_plugin.plan.build import parameter_table
-    from mtp_plugin.train.hydra_app import ConfigError, compose_experiment
+    from mtp_plugin.train.hydra_app import ConfigError, to_experiment
 
-    tables: dict[str, list] = {}
-    out = []
-    for overrides in jobs:
+    try:
+        experiment = to_experiment(cfg)
         try:
-            experiment = compose_experiment(overrides)
-            try:
-                check_plan(experiment)  # before any build, as the CLI does
-            except (ValueError, OSError) as err:
-                raise ConfigError(f"error: {err}") from None
-            key = repr((experiment.model, experiment.mtp.num_depths))
-            if key not in tables:
-                tables[key] = parameter_table(experiment)
-            plan = plan_experiment(experiment, records=tables[key])
-        except ConfigError as err:
-            plan = {"error": err.message}
-        out.append(plan)
-    return out
+            check_plan(experiment)  # before any build, as the CLI does
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"error: {err}") from None
+    except ConfigError as err:
+        return {"error": err.message}
+    key = repr((experiment.model, experiment.mtp.num_depths))
+    if key not in tables:
+        tables[key] = parameter_table(experiment)
+    return plan_experiment(experiment, records=tables[key])
 
 
 if __name__ == "__main__":

@@ -45,6 +45,9 @@ def parameter_table(experiment: ExperimentConfig) -> list[ParamRecord]:
             experiment.mtp,
             params_dtype=torch.bfloat16 if experiment.backend.params_dtype == "bfloat16" else torch.float32,
             perform_initialization=False,
+            # Megatron's GPU path allocates weights with an explicit CUDA device; the CPU path leaves the
+            # device to torch's default, the meta device here, on a GPU host too.
+            use_cpu_initialization=True,
         )
         with torch.device("meta"):
             model = build_mtp_gpt_model(
