@@ -118,6 +118,9 @@ def train_pipeline(
         num_depths=mtp.num_depths, depth_weights=mtp.weights, chunk_tokens=chunk_tokens, eod_id=None, lam=lam
     )
     pipe = build_pipeline_module(model, mtp, num_stages=num_stages, loss=loss, ep_size=ep_size)
+    samples = pattern_samples(64, model.seq_length, model.vocab_size)
+    # Before DeepSpeed wraps the module: the one-stage pipe against the core reference on one micro-batch.
+    reference = core_reference_check(pipe, loss, samples[:micro_batch_size], lam) if num_stages == 1 else None
     engine = initialize_engine(
         pipe,
         build_ds_config(cfg, data_parallel_size=dp, user={}),
@@ -125,7 +128,6 @@ def train_pipeline(
         ep_size=ep_size if model.is_moe else None,
     )
     initial_embed = pipe.tied_modules["embed"].weight.detach().clone()
-    samples = pattern_samples(64, model.seq_length, model.vocab_size)
     batches = pipe_batches(
         samples, micro_batch_size=micro_batch_size, dp_rank=engine.grid.get_data_parallel_id(), dp_size=dp
     )
@@ -154,6 +156,7 @@ def train_pipeline(
         "parts": list(pipe.parts),
         "initial_embed": initial_embed,
         "local_flops": local_flops,
+        "reference": reference,
         "rho": rho,
     }
 
@@ -163,3 +166,60 @@ def _no_data():
 
     # The workers feed synthetic windows; DataConfig wants a prefix but nothing reads it.
     return DataConfig(train_prefix="unused", eod_id=0)
+
+
+def core_reference_check(pipe, loss, window: torch.Tensor, lam: float) -> dict:
+    """The pipe's loss and gradients on one micro-batch (its layer tuple plumbing, `MTPLoss`, chunked CE)
+    and the core reference's on the same modules' weights: the trunk run layer by layer, the depths through
+    the core `MTPStack` (its own shifts of Emb(t_(i+k))), targets from `all_depth_targets`, the loss from
+    `multi_token_loss` with full logits (chunk_tokens=0). Returns both losses and gradient dicts."""
+    from mtp_plugin.core import MTPStack, all_depth_targets, linear_cross_entropy_plain, multi_token_loss
+    from mtp_plugin.deepspeed.model import FinalNormPipe, MTPDepthPipe, TrunkLayerPipe
+
+    ids, labels = window[:, :-1].contiguous(), window[:, 1:].contiguous()
+    mask = torch.ones_like(labels, dtype=torch.bool)
+    params = dict(pipe.named_parameters())
+
+    def grads() -> dict:
+        out = {name: p.grad.detach().clone() for name, p in params.items() if p.grad is not None}
+        for p in params.values():
+            p.grad = None
+        return out
+
+    pipe_loss = loss(pipe((ids,)), (labels, mask.float()))
+    pipe_loss.backward()
+    pipe_grads = grads()
+
+    layers = [m for m in pipe.forward_funcs if isinstance(m, torch.nn.Module)]
+    embedding = pipe.tied_modules["embed"]
+    head = pipe.tied_modules["head"] if "head" in pipe.tied_modules else embedding  # noqa: SIM401 - ModuleDict
+    h, aux = embedding.lookup(ids), torch.zeros(())
+    for layer in (m for m in layers if isinstance(m, TrunkLayerPipe)):
+        h, layer_aux = layer.layer(h)
+        aux = aux + layer.aux_coeff * layer_aux
+    (final,) = [m for m in layers if isinstance(m, FinalNormPipe)]
+    h0 = final.norm(h)
+    depths = [m for m in layers if isinstance(m, MTPDepthPipe)]
+    stack = MTPStack([d.mtp for d in depths])
+    hiddens = stack(h0, ids, embed=lambda shifted, k: embedding.lookup(shifted))
+    for d in depths:
+        aux = aux + d.aux_coeff * d.mtp.block.last_aux
+    main = linear_cross_entropy_plain(h0, head.weight, labels, mask)
+    targets = all_depth_targets(ids, labels, mask, len(depths))
+    out = multi_token_loss(
+        main_loss=main.loss_sum / main.num_tokens,
+        depth_hidden=hiddens,
+        head_weight=head.weight,
+        depth_labels=[t.labels_bs for t in targets],
+        depth_masks=[t.loss_mask_bs for t in targets],
+        lam=lam,
+        chunk_tokens=0,
+    )
+    ref_loss = out.total + aux
+    ref_loss.backward()
+    return {
+        "pipe_loss": pipe_loss.detach(),
+        "ref_loss": ref_loss.detach(),
+        "pipe_grads": pipe_grads,
+        "ref_grads": grads(),
+    }

@@ -59,3 +59,9 @@ def test_one_stage_and_two_stages_train_alike_and_keep_tied_copies_identical():
     assert one["local_flops"]["experts"] > 0 and one["local_flops"]["head"] > 0
     for key in ("flops", "bits ceiling", "bits effective", "targets mtp_2"):
         assert two[0]["rho"][key] == two[1]["rho"][key] == pytest.approx(one["rho"][key], rel=1e-6), key
+    # Parity with the core reference (same weights, fp32): the one-stage pipe's loss and every gradient.
+    ref = one["reference"]
+    torch.testing.assert_close(ref["pipe_loss"], ref["ref_loss"], rtol=1e-5, atol=0)
+    assert set(ref["pipe_grads"]) == set(ref["ref_grads"]) and len(ref["pipe_grads"]) > 20
+    for name, grad in ref["ref_grads"].items():
+        torch.testing.assert_close(ref["pipe_grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
