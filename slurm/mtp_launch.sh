@@ -81,11 +81,14 @@ srun)
     # exits 0, so that srun's --kill-on-bad-exit (which ends the step at the first non-zero exit: a
     # crashed rank must not leave the others hanging in a collective) leaves the other ranks to finish.
     # The wrapper survives SIGTERM/SIGINT (Slurm signals every process of the step; the rank handles
-    # them); the rank starts with USR1 ignored until the training installs its handler.
+    # them); the rank starts with USR1 ignored until the training installs its handler. A rank that fails
+    # writes its exit code too: srun reports the largest one, often a rank it killed (143) afterwards.
     export MTP_STOP_MARKER=$run_dir/.slurm-stopped-$SLURM_JOB_ID.$restarts
+    export MTP_FAILED_MARKER=$run_dir/.slurm-failed-$SLURM_JOB_ID.$restarts
     step=(srun "${srun_args[@]}" bash -c \
         'trap "" USR1; trap : TERM INT; export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID
-         "$@"; rc=$?; if [ "$rc" = '"$MTP_EXIT_SIGNAL"' ]; then : >"$MTP_STOP_MARKER.$RANK"; exit 0; fi; exit "$rc"' \
+         "$@"; rc=$?; if [ "$rc" = '"$MTP_EXIT_SIGNAL"' ]; then : >"$MTP_STOP_MARKER.$RANK"; exit 0; fi
+         [ "$rc" = 0 ] || echo "$rc" >"$MTP_FAILED_MARKER.$RANK"; exit "$rc"' \
         mtp-rank "${train[@]}")
     world_size=${SLURM_NTASKS:-$((num_nodes * procs_per_node))}
     ;;
@@ -142,9 +145,15 @@ while true; do
     fi
     break
 done
-if [ "$launcher" = srun ] && [ "$rc" = 0 ] && compgen -G "$MTP_STOP_MARKER.*" >/dev/null; then
-    rc=$MTP_EXIT_SIGNAL # the ranks saved on an exit signal
-    rm -f "$MTP_STOP_MARKER".*
+if [ "$launcher" = srun ]; then
+    if [ "$rc" = 0 ] && compgen -G "$MTP_STOP_MARKER.*" >/dev/null; then
+        rc=$MTP_EXIT_SIGNAL # the ranks saved on an exit signal
+    elif [ "$rc" != 0 ] && compgen -G "$MTP_FAILED_MARKER.*" >/dev/null; then
+        first_failed=$(ls -tr "$MTP_FAILED_MARKER".* | head -n 1)
+        rc=$(cat "$first_failed") # the exit code of the rank that failed first
+        mtp_log "rank ${first_failed##*.} failed first (exit code $rc)"
+    fi
+    rm -f "$MTP_STOP_MARKER".* "$MTP_FAILED_MARKER".*
 fi
 mtp_log "training exited with code $rc"
 

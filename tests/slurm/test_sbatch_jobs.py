@@ -6,7 +6,7 @@ nodes on this machine (tests/slurm_cluster.py), the tiny MoE with D = 2 on 2 nod
 - an srun-per-rank job meets its time limit mid-run: Slurm's warning (--signal=B:USR1) makes the training
   save and exit 3, the script requeues the job, the requeued run resumes from that checkpoint and the
   job completes with, iteration for iteration, the losses of the uninterrupted job;
-- a job one of whose ranks dies ends FAILED with a non-zero exit code and leaves no process behind.
+- a job one of whose ranks dies ends FAILED with that rank's exit code and leaves no process behind.
 
 Hitting a time limit fast: Slurm's limits are whole minutes and slurmctld tests them (and sends the
 --signal warning) every 30 s, so the test shortens the running job's limit (scontrol update TimeLimit)
@@ -223,7 +223,7 @@ def _rank_pid(job_id: int, rank: int) -> int | None:
 
 def test_a_dying_rank_fails_the_job_and_leaves_no_process(cluster, workdir):
     job_id = cluster.sbatch(*SHAPE, "--job-name=crash", str(SCRIPT), *_overrides(workdir),
-                            cwd=workdir, env=_job_env("torchrun"))  # fmt: skip
+                            cwd=workdir, env=_job_env("srun"))  # fmt: skip
     killed: list[int] = []
 
     def on_poll(job: dict[str, str]) -> None:
@@ -237,10 +237,12 @@ def test_a_dying_rank_fails_the_job_and_leaves_no_process(cluster, workdir):
     job = cluster.wait(job_id, timeout=240, on_poll=on_poll)
     log = _log(workdir, "crash", job_id)
     print(
-        f"\njob {job_id} (rank 1 killed): {job['JobState']} {job['ExitCode']} in {time.monotonic() - start:.0f} s\n{_tail(log)}"
+        f"\njob {job_id} (srun, rank 1 killed): {job['JobState']} {job['ExitCode']} in {time.monotonic() - start:.0f} s\n{_tail(log)}"
     )
     assert killed, "rank 1 was never seen"
-    assert job["JobState"] == "FAILED" and job["ExitCode"] != "0:0", (job["ExitCode"], _tail(log, 60))
+    # The killed rank's code (128 + SIGKILL), not that of a rank srun terminated afterwards.
+    assert (job["JobState"], job["ExitCode"]) == ("FAILED", f"{128 + signal.SIGKILL}:0"), _tail(log, 60)
+    assert f"rank 1 failed first (exit code {128 + signal.SIGKILL})" in log
     assert f"iteration {TRAIN_ITERS:8d}/" not in log
     deadline = time.monotonic() + 10
     while job_processes(job_id) and time.monotonic() < deadline:
