@@ -191,14 +191,59 @@ def _sharded_state(model, optimizer, *, is_loading: bool, common: dict[str, Any]
     if getattr(optimizer.config, "use_distributed_optimizer", False):
         metadata["distrib_optim_sharding_type"] = "fully_sharded_model_space"
     model_sd = model.sharded_state_dict(metadata=metadata)
+    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+    if not is_loading:
+        _share_common_steps(optimizer_sd)
     state = {
         "model": model_sd,
-        "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata),
+        "optimizer": optimizer_sd,
         # One object per rank: every rank's RNG streams differ (tensor/expert-parallel seeds).
         "rng": ShardedObject("rng_state", rng_state(), (world,), (rank,), replica_id=0),
     }
     state.update(common)
     return state
+
+
+def _common_step_holders(optimizer_sd: dict) -> list[dict | None]:
+    """The `state` dict that holds `common_step` in each (chained) non-distributed optimizer's sharded
+    state dict, None where there is none (the distributed optimizer keeps its step elsewhere)."""
+    # ChainedOptimizer (chained_optim_avoid_prefix) keys its optimizers 0, 1, ...; a single one is bare.
+    subs = (
+        list(optimizer_sd.values())
+        if optimizer_sd and all(isinstance(k, int) for k in optimizer_sd)
+        else [optimizer_sd]
+    )
+    holders = []
+    for sub in subs:
+        inner = sub.get("optimizer", sub)  # Float16OptimizerWithFloat16Params nests torch's state dict
+        state = inner.get("state") if isinstance(inner, dict) else None
+        holders.append(state if isinstance(state, dict) else None)
+    return holders
+
+
+def _share_common_steps(optimizer_sd: dict) -> None:
+    """Give every rank the Adam step of each of its optimizers (in place), so rank 0's common state, the
+    only one dist_checkpointing saves, carries it for all ranks.
+
+    Megatron saves the step (shared by all params) as `state["common_step"]` in the common, not sharded,
+    part; it aligns param groups across ranks, so a rank with no param of an optimizer (a pipeline stage
+    without experts, for the expert optimizer when ep > 1) has an empty state and no step. Saved from
+    rank 0, the stages with experts would load their Adam moments without a step (KeyError 'step').
+    """
+    holders = _common_step_holders(optimizer_sd)
+    steps = [None if h is None else h.get("common_step") for h in holders]
+    gathered: list[list] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, [None if s is None else _to_cpu(s) for s in steps])
+    for index, holder in enumerate(holders):
+        if holder is None or "common_step" in holder:
+            continue
+        known = [rank_steps[index] for rank_steps in gathered if rank_steps[index] is not None]
+        if known:
+            holder["common_step"] = known[0]
+
+
+def _to_cpu(value):
+    return value.cpu() if isinstance(value, torch.Tensor) else value
 
 
 def save_checkpoint(

@@ -4,9 +4,10 @@ start-up dominates the time) check:
 
 - exact resume, with TP- and EP-sharded MTP parameters saved and reloaded under the same layout:
   `tp2-sp-ep2` (tp 2 with sequence parallel x dp 2, the MoE experts of trunk and MTP depths split over
-  ep 2, uneven depth weights, per-document attention with EOD loss masking) and `pp2-tp2-sp-tied`
+  ep 2, uneven depth weights, per-document attention with EOD loss masking), `pp2-tp2-sp-tied`
   (pp 2 x tp 2 with sequence parallel, both MTP depths on a stage of their own with the loss, a tied
-  head): a run stopped and saved at iteration 2 and resumed equals the uninterrupted run exactly;
+  head) and `pp2-ep2` (pp 2 x ep 2, the first stage without experts, so with an empty expert
+  optimizer): a run stopped and saved at iteration 2 and resumed equals the uninterrupted run exactly;
 - the same checkpoint resharded into one process continues with the parallel run's losses (iterations
   3 and 4): sequence parallel with MoE and with pp, the tied head on pp 2 and the MTP stage compute what
   the single-process model does, and `MTPMetrics.reduce` over dp 2 is the token-weighted mean of dp 1;
@@ -38,7 +39,10 @@ def _experiment(name: str, train_prefix: str, valid_prefix: str, *, single: bool
     cfg = tiny_experiment(train_prefix, valid_prefix, train_iters=ITERS, **training)
     cfg.model = dataclasses.replace(cfg.model, moe_token_dispatcher_type="allgather")
     sp = dict(tensor_model_parallel_size=2, sequence_parallel=True)
-    if name == "pp2-tp2-sp-tied":  # both MTP depths on stage 1 with the head and loss, no trunk layer there
+    if name == "pp2-ep2":  # dp 2, expert dp 1; stage 0 holds the dense layer only, so no expert
+        # parameter: its expert optimizer is empty (Megatron aligns param groups across ranks) and has no step
+        cfg.parallel = ParallelConfig(pipeline_model_parallel_size=2, expert_model_parallel_size=2)
+    elif name == "pp2-tp2-sp-tied":  # both MTP depths on stage 1 with the head and loss, no trunk layer there
         cfg.parallel = ParallelConfig(**sp, pipeline_model_parallel_size=2, pipeline_layout="Ett|mmL")
         cfg.model = dataclasses.replace(cfg.model, untie_embeddings_and_output_weights=False)
     else:  # dp 2; the experts of trunk and MTP depths split over tp 2 (and over ep 2 for tp2-sp-ep2)
@@ -51,8 +55,8 @@ def _experiment(name: str, train_prefix: str, valid_prefix: str, *, single: bool
     return cfg
 
 
-# Resharded into one process: the first two; tp2-sp-ep2 resumes under its own layout only.
-CASES = ("tp2-sp", "pp2-tp2-sp-tied", "tp2-sp-ep2")
+# Resharded into one process: the first two; tp2-sp-ep2 and pp2-ep2 resume under their own layout only.
+CASES = ("tp2-sp", "pp2-tp2-sp-tied", "tp2-sp-ep2", "pp2-ep2")
 RESHARDED = CASES[:2]
 
 
