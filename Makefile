@@ -43,7 +43,9 @@ $(STAMP019): requirements/lock.txt requirements/dev.txt pyproject.toml
 
 test-mcore019: setup-mcore019
 	$(VENV019)/bin/python -c "import megatron.core, importlib.metadata as m; print('megatron-core', m.version('megatron-core'))"
-	$(VENV019)/bin/python -m pytest -q -m megatron tests
+	# The native-only smoke tests (native MTP pp1 = pp2 x ep2, no plugin code) run in leg 1; on 0.19 the plugin's own
+	# pp/ep/tp tests and the parity with native cover what changed, and CI time is kept near 20 minutes.
+	$(VENV019)/bin/python -m pytest -q -m megatron tests --ignore=tests/distributed/test_megatron_native_smoke.py
 
 test-megatron: setup
 	$(VPY) -m pytest -q -m megatron tests
