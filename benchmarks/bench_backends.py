@@ -215,8 +215,12 @@ def main(argv=None) -> int:
         raise SystemExit(
             f"--backends: unknown {unknown}; use a comma-separated subset of {','.join(BACKENDS)}"
         )
-    if not (REPO / "data_cache" / "demo").exists():
-        raise SystemExit(f"{REPO / 'data_cache/demo'} is missing: run `make data` (the demo corpus) first")
+    own_data = any(o.split("=", 1)[0].lstrip("+").split(".")[0] == "data" for o in args.overrides)
+    if not own_data and not (REPO / "data_cache" / "demo").exists():
+        raise SystemExit(
+            f"{REPO / 'data_cache/demo'} is missing: run `make data` (the demo corpus) first, or give "
+            "data.train_prefix=... data.valid_prefix=... as overrides"
+        )
     with tempfile.TemporaryDirectory(prefix="bench_backends_") as tmp:
         root = args.keep_dir or Path(tmp)
         rows = [run_backend(b, args, root) for b in backends]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mtp_plugin.config.checks import check_finite
+
 LAUNCHERS = ("local", "slurm")
 
 
@@ -27,6 +29,7 @@ class ClusterConfig:
     time_limit: str | None = None
 
     def __post_init__(self) -> None:
+        check_finite(self, "cluster")
         if self.launcher not in LAUNCHERS:
             raise ValueError(f"cluster.launcher={self.launcher!r}; use one of {LAUNCHERS}")
         for name in ("num_nodes", "gpus_per_node"):

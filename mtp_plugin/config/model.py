@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mtp_plugin.config.checks import check_finite
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -92,6 +94,7 @@ class ModelConfig:
     moe_router_dtype: str | None = None
 
     def __post_init__(self) -> None:
+        check_finite(self, "model")
         for name in (
             "num_layers",
             "hidden_size",

@@ -12,6 +12,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 
+from mtp_plugin.config.checks import check_finite
 from mtp_plugin.config.cluster import ClusterConfig
 from mtp_plugin.config.model import ModelConfig
 from mtp_plugin.config.mtp import MTPConfig
@@ -82,6 +83,7 @@ class TrainingConfig:
     keep_last_checkpoints: int = 0
 
     def __post_init__(self) -> None:
+        check_finite(self, "training")
         for name in ("train_iters", "global_batch_size", "micro_batch_size", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"training.{name} must be >= 1, got {getattr(self, name)}")
@@ -106,8 +108,15 @@ class TrainingConfig:
             raise ValueError(
                 f"training.lr_decay_style={self.lr_decay_style!r} is unknown; use one of {LR_DECAY_STYLES}"
             )
-        if self.weight_decay < 0 or self.clip_grad < 0:
-            raise ValueError("training.weight_decay and training.clip_grad must be >= 0")
+        for name in ("weight_decay", "clip_grad", "peak_tflops_per_device"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"training.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2"):
+            # Adam divides by 1 - beta^t: beta = 1 never leaves its first value, above 1 diverges.
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"training.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_eps > 0:
+            raise ValueError(f"training.adam_eps must be > 0, got {self.adam_eps}")
         if self.eval_interval and not self.eval_iters:
             raise ValueError("training.eval_interval > 0 needs training.eval_iters >= 1 (or eval_interval=0)")
         if self.save_interval and not self.save_dir:
@@ -261,6 +270,7 @@ class BackendConfig:
     moe_min_capacity: int = 4
 
     def __post_init__(self) -> None:
+        check_finite(self, "backend")
         if self.name not in BACKENDS:
             raise ValueError(f"backend.name={self.name!r} is not available; use one of {BACKENDS}")
         if self.params_dtype not in ("float32", "bfloat16"):

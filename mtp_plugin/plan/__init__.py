@@ -1,7 +1,7 @@
 """Size a configured run without a GPU: `python -m mtp_plugin.plan <overrides> [--json]`.
 
 `plan_experiment` validates the experiment as training does (world size, parallel layout, pipeline
-plan, dataset files), builds the model on the meta device through the training classes
+plan; missing dataset files are a warning, not a refusal), builds the model on the meta device through the training classes
 (`mtp_plugin.plan.build`), and reports parameters (total, active, MTP), parameters and per-GPU memory
 per pipeline stage, FLOPs per token, ρ for k = 0..D, stage costs and the 1F1B step time of each MTP
 placement (`mtp_plugin.plan.estimate` has the formulas).
@@ -23,7 +23,7 @@ from mtp_plugin.plan.estimate import (
     token_flops,
 )
 
-__all__ = ["check_plan", "default_world_size", "format_report", "plan_experiment"]
+__all__ = ["check_plan", "data_warnings", "default_world_size", "format_report", "plan_experiment"]
 
 
 def default_world_size(experiment: ExperimentConfig) -> int:
@@ -37,15 +37,25 @@ def default_world_size(experiment: ExperimentConfig) -> int:
 
 def check_plan(experiment: ExperimentConfig, world_size: int | None = None):
     """Training's checks that need no model: (world size, data parallel size, micro-batches, pipeline plan).
-    Raises ValueError / FileNotFoundError with one line naming the field and the fix."""
+    Raises ValueError with one line naming the field and the fix. The dataset files are not checked
+    here (`data_warnings`): sizing needs none of them."""
     from mtp_plugin.megatron.config import check_supported
 
     world = world_size or default_world_size(experiment)
     dp = experiment.check_world_size(world)
     num_micro = experiment.training.num_micro_batches(dp)
     plan = check_supported(experiment.model, experiment.parallel, experiment.mtp)
-    experiment.data.check_files()
     return world, dp, num_micro, plan
+
+
+def data_warnings(experiment: ExperimentConfig) -> list[str]:
+    """What training would refuse about the dataset files ([] if nothing), for the plan to warn about:
+    e.g. DeepSeek-V3 sized on a laptop that does not hold its corpus."""
+    try:
+        experiment.data.check_files()
+    except OSError as err:
+        return [f"{err} (the plan does not read the data; training will refuse this)"]
+    return []
 
 
 def plan_experiment(
@@ -98,6 +108,7 @@ def plan_experiment(
         "stage_tflops": [c / 1e12 for c in placements[0].stage_costs],
         "placements": [p.to_json() for p in placements],
         "sbatch": _sbatch_command(experiment),
+        "warnings": data_warnings(experiment),
     }
 
 

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(err.message, file=sys.stderr)
         return 2
+    for warning in report["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()

@@ -353,7 +353,14 @@ class Trainer:
         # Per-rank RNG streams belong to the rank layout that drew them; under another layout (Megatron
         # dist_checkpointing reshards model and optimizer) they are skipped, as Megatron-LM's --no-load-rng.
         load_rng = saved_layout is None or saved_layout == self._layout()
+        # Megatron's param groups carry their own max_lr / min_lr, which the scheduler prefers to its
+        # own; loading the optimizer state restores the checkpoint's, so this run's are put back before
+        # the scheduler sets the lr (else a resume with a new training.lr keeps training at the old one).
+        group_lrs = [(g["max_lr"], g["min_lr"]) for g in self.optimizer.param_groups if "max_lr" in g]
         common = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, load_rng=load_rng)
+        groups = [g for g in self.optimizer.param_groups if "max_lr" in g]
+        for group, (max_lr, min_lr) in zip(groups, group_lrs, strict=True):
+            group["max_lr"], group["min_lr"] = max_lr, min_lr
         self.scheduler.load_state_dict(common["scheduler"])
         self.iteration = int(common["iteration"])
         self.consumed_samples = int(common["consumed_samples"])
@@ -470,6 +477,12 @@ class Trainer:
                 f"{self._last_checkpoint_note()}; lower training.lr"
             )
 
+    def _clip_hint(self) -> str:
+        """' or set training.clip_grad' where clipping is available and off (Megatron's clip needs CUDA:
+        a CPU run refuses it at launch, so it is no advice there)."""
+        usable = self.device.type == "cuda" or self.cfg.backend.name == "deepspeed"
+        return " or set training.clip_grad" if usable and not self.cfg.training.clip_grad else ""
+
     def _nonfinite_step(self, where: str, grad_norm: float, lam: float) -> dict[str, float]:
         """The update is not applied: stop (raise) or, with training.nonfinite=skip, count the iteration."""
         tr = self.cfg.training
@@ -479,7 +492,7 @@ class Trainer:
             why = "" if tr.nonfinite == "stop" else f" ({self.skips_in_a_row} skipped in a row)"
             raise NonFiniteLossError(
                 f"iteration {self.iteration + 1}: {what}{why}; the update was not applied and nothing was "
-                f"saved; {self._last_checkpoint_note()}; lower training.lr or set training.clip_grad"
+                f"saved; {self._last_checkpoint_note()}; lower training.lr{self._clip_hint()}"
                 + (
                     ", or training.nonfinite=skip to step over such iterations"
                     if tr.nonfinite == "stop"
@@ -687,6 +700,12 @@ class Trainer:
             self._print(
                 f" peak memory {self.result.peak_memory_gib:.2f} GiB allocated on "
                 f"{torch.cuda.get_device_name(self.device)} (torch.cuda.max_memory_allocated)"
+            )
+        if self.is_logging_rank and self.result.skipped_iterations:
+            # Exit 0 with skipped updates must still say so at the end, not only in lines scrolled past.
+            self._print(
+                f" {self.result.skipped_iterations} of {self.iteration - first_iteration} iterations "
+                "skipped their update (non-finite loss or grad norm; training.nonfinite=skip)"
             )
         if self.is_logging_rank and tr.tensorboard_dir and self.result.train_history:
             path = logs.plot_loss_curves(

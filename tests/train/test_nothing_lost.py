@@ -111,8 +111,8 @@ def test_nonfinite_grad_norm_is_never_applied_nor_saved(tmp_path):
     stop = out["stop"]
     assert stop["message"] == (
         "iteration 3: grad norm nan; the update was not applied and nothing was saved; the last checkpoint "
-        "iter_0000002 is untouched (rerun to resume from it); lower training.lr or set training.clip_grad, "
-        "or training.nonfinite=skip to step over such iterations"
+        "iter_0000002 is untouched (rerun to resume from it); lower training.lr, or training.nonfinite=skip "
+        "to step over such iterations"
     )
     assert stop["unchanged"] and stop["iteration"] == 2
     assert stop["latest"] == "iter_0000002" and stop["dirs"] == ["iter_0000001", "iter_0000002", "latest"]
@@ -143,8 +143,8 @@ def test_app_stops_on_nonfinite_grad_norm_with_one_line_and_exit_code_4(tmp_path
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [
         "error: iteration 4: grad norm nan; the update was not applied and nothing was saved; the last "
-        "checkpoint iter_0000003 is untouched (rerun to resume from it); lower training.lr or set "
-        "training.clip_grad, or training.nonfinite=skip to step over such iterations"
+        "checkpoint iter_0000003 is untouched (rerun to resume from it); lower training.lr, or "
+        "training.nonfinite=skip to step over such iterations"
     ], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     checkpoints = run_dir / "checkpoints"

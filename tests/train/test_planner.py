@@ -198,7 +198,6 @@ BAD = [
     (["parallel.expert_model_parallel_size=3", "--world-size", "3"], "num_experts=8 is not divisible"),
     (["parallel=pp2", "model.num_layers=5"], "model.num_layers=5 cannot be split evenly"),
     (["mtp=d3", "model.seq_length=3"], "must be below the sequence length 3"),
-    (["data.train_prefix=/nonexistent/corpus"], "data.train_prefix=/nonexistent/corpus"),
     (["model=deepseek_v3", "model.kv_lora_rank=9000"], "model.kv_lora_rank=9000 exceeds model.hidden_size"),
     (
         ["parallel.pipeline_layout=Et*2|t*2mmL"],
@@ -226,3 +225,17 @@ def test_bad_input_is_one_line_before_any_build(argv, message, capsys, monkeypat
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert Path(REPO).is_dir()
+
+
+def test_a_run_is_sized_without_its_data_with_one_warning(capsys):
+    """Before: a planner refused to size a run whose corpus is not on this machine (DeepSeek-V3 on a laptop)."""
+    from mtp_plugin.plan import __main__ as cli
+
+    assert cli.main(["model=toy", "mtp=d2", "data.train_prefix=/nonexistent/corpus"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("plan "), out[:500]
+    assert err.strip().splitlines() == [
+        "warning: data.train_prefix=/nonexistent/corpus: /nonexistent/corpus.bin does not exist; run `make "
+        "data` (or `python -m mtp_plugin.data prepare --out DIR`) or point data.train_prefix at an indexed "
+        "dataset (the plan does not read the data; training will refuse this)"
+    ]
