@@ -6,8 +6,14 @@ Layout under `save_dir`:
                          and in its common part the scheduler, data position, λ schedule, tokens, the
                          rank layout); run_config.json beside them: the model, MTP and data settings a
                          resume must match (checked before any model is built)
+                         file_sizes.json (written last): the size of every file, checked at launch
     iter_0000030.tmp/    a checkpoint being written; never read
     latest               the name of the newest finished checkpoint ("iter_0000020")
+
+Before writing, rank 0 checks the free space against the save's estimated size (the newest finished
+checkpoint's, or the parameters' with Adam's state); a save that does not fit, or whose write fails (no
+space, I/O error, permission), raises CheckpointWriteError on every rank with one line, the partial
+directory removed and `latest` untouched.
 
 Every rank writes its shards into the `.tmp` directory; after a barrier rank 0 renames it to its final
 name and then replaces `latest` through a temporary file and `os.replace`. Both are atomic renames on
@@ -40,6 +46,86 @@ RUN_CONFIG_GROUPS = ("model", "mtp", "data")
 RESUMABLE_DATA_FIELDS = ("cache_dir",)
 # A finished backend=deepspeed checkpoint (DeepSpeed's engine files) holds this JSON: format, iteration, layout.
 DEEPSPEED_MARKER = "deepspeed_checkpoint.json"
+# Written last into a finished checkpoint: {"files": {relative path: size in bytes}} of every file before it,
+# so a truncated or missing shard is found at launch (mtp_plugin.train.hydra_app.check_checkpoint).
+FILE_SIZES = "file_sizes.json"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save that could not be written (no space, an I/O or permission error): raised on every rank with
+    one line naming the directory and the cause; the partial checkpoint is removed, `latest` untouched."""
+
+
+def estimate_bytes(params) -> int:
+    """Bytes a checkpoint of `params` (this rank's parameters) takes: the weights as stored, and the
+    optimizer's fp32 main copy and Adam's two fp32 moments (Megatron's optimizer state holds the main
+    copy even for fp32 weights: 16.1 bytes per parameter in a toy fp32 checkpoint)."""
+    return sum(p.numel() * (p.element_size() + 12) for p in params)
+
+
+def checkpoint_bytes(path: str | os.PathLike) -> int:
+    """Bytes of the files of a finished checkpoint directory."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _causes(err: BaseException):
+    """`err`, its causes and contexts, and the per-rank failures a torch.distributed.checkpoint
+    CheckpointException wraps, depth first."""
+    seen, stack = set(), [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        stack += [e.__cause__, e.__context__]
+
+
+def _write_failure(err: BaseException, save_dir: Path) -> str:
+    """The cause of a failed write in words: the OSError's (ENOSPC, EIO, EACCES...) if there is one in the
+    chain; a full file system when it is full now (torch's zip writer reports a short write as
+    `RuntimeError: ... unexpected pos`); else the exception's first line."""
+    for e in _causes(err):
+        if isinstance(e, OSError) and e.strerror:
+            return f"{e.strerror} (errno {e.errno})"
+    free = shutil.disk_usage(save_dir).free
+    if free < 1 << 20:
+        return f"no space left on the device ({free:,} bytes free after the failed write)"
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def record_file_sizes(directory: Path) -> None:
+    """Write FILE_SIZES into `directory` (a checkpoint whose files are all written)."""
+    sizes = {
+        str(f.relative_to(directory)): f.stat().st_size
+        for f in sorted(directory.rglob("*"))
+        if f.is_file() and f.name != FILE_SIZES
+    }
+    (directory / FILE_SIZES).write_text(json.dumps({"files": sizes}, indent=1) + "\n")
+
+
+def file_size_problem(path: str | os.PathLike) -> str | None:
+    """'<file> is N bytes, M when saved' (or 'is missing') for the first file of checkpoint `path` that
+    differs from its FILE_SIZES record; None when all match or the checkpoint predates the record."""
+    path = Path(path)
+    record = path / FILE_SIZES
+    if not record.is_file():
+        return None
+    try:
+        sizes = json.loads(record.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{record} is unreadable"
+    for name, size in sizes.items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing ({size:,} bytes when saved)"
+        if f.stat().st_size != size:
+            return f"{f} is {f.stat().st_size:,} bytes, {size:,} when saved (truncated or damaged)"
+    return None
 
 
 def run_config(cfg) -> dict[str, Any]:
@@ -269,7 +355,13 @@ def save_checkpoint(
         state = _sharded_state(model, optimizer, is_loading=False, common={"iteration": iteration, **common})
         dist_checkpointing.save(state, str(tmp), sharded_strategy=sync_save_strategy())
 
-    return atomic_save(save_dir, iteration, write, run_config=run_config, keep_last=keep_last)
+    from megatron.core import parallel_state as ps
+
+    # Replicas of the same weights on other data-parallel ranks are written once.
+    share = estimate_bytes(model.parameters()) // ps.get_data_parallel_world_size()
+    return atomic_save(
+        save_dir, iteration, write, run_config=run_config, keep_last=keep_last, estimated_bytes=share
+    )
 
 
 def atomic_save(
@@ -279,33 +371,64 @@ def atomic_save(
     *,
     run_config: dict[str, Any] | None = None,
     keep_last: int = 0,
+    estimated_bytes: int = 0,
 ) -> Path:
     """The layout of the module docstring around `write(tmp)`, which every rank calls to fill `tmp`
-    (Megatron's dist_checkpointing or DeepSpeed's engine); return the final path."""
+    (Megatron's dist_checkpointing or DeepSpeed's engine); return the final path.
+
+    estimated_bytes: this rank's share of the checkpoint (`estimate_bytes`); with the size of the newest
+    finished checkpoint, when larger, it is checked against the free space before anything is written.
+    A save that does not fit, or whose write fails, raises CheckpointWriteError on every rank."""
     save_dir = Path(save_dir)
     final = save_dir / checkpoint_name(iteration)
     tmp = save_dir / (final.name + ".tmp")
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     rank = torch.distributed.get_rank()
+    problem = ""
     if rank == 0:
         save_dir.mkdir(parents=True, exist_ok=True)
         # Leftovers of saves that were killed: never loaded, safe to drop. dist_checkpointing refuses a
         # non-empty directory, so a stale tmp of this iteration would also fail this save.
         for stale in save_dir.glob("iter_*.tmp"):
             shutil.rmtree(stale)
-        tmp.mkdir()
-    _barrier()
+    needed = _agreed_sum(estimated_bytes)
+    if rank == 0:
+        previous = latest_checkpoint_or_none(save_dir)
+        if previous is not None:
+            needed = max(needed, checkpoint_bytes(previous))
+        free = shutil.disk_usage(save_dir).free
+        if needed > free:
+            problem = (
+                f"not enough space in {save_dir} for checkpoint {final.name}: it needs about {needed:,} bytes, "
+                f"{free:,} are free; free space or point training.save_dir elsewhere; nothing was written"
+            )
+        else:
+            tmp.mkdir()
+    _raise_on_every_rank(problem, previous_note(save_dir) if rank == 0 else "")
+    failure = ""
     try:
         write(tmp)
-    except BaseException:
-        # `latest` still names the previous checkpoint; drop the partial one so no directory suggests a
-        # checkpoint of this iteration exists. (Ranks that did not fail may still wait in a collective.)
+    except (Exception, CheckpointException) as err:
+        failure = f"writing checkpoint {final.name} in {save_dir} failed: {_write_failure(err, save_dir)}"
+    except BaseException:  # a second exit signal: leave at once, as before
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _barrier()
+    if _agreed_flag(bool(failure)):
+        # `latest` still names the previous checkpoint; drop the partial one so no directory suggests a
+        # checkpoint of this iteration exists.
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _raise_on_every_rank(
+            failure or f"writing checkpoint {final.name} in {save_dir} failed on another rank",
+            previous_note(save_dir) if rank == 0 else "",
+            removed=True,
+        )
     if rank == 0:
         if run_config is not None:
             (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=1, sort_keys=True) + "\n")
+        record_file_sizes(tmp)
         _fsync_dir(tmp)
         if final.exists():  # the same iteration saved again (e.g. after a resume): keep it until replaced
             stale = save_dir / (final.name + ".old")
@@ -328,6 +451,57 @@ def atomic_save(
                     shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final
+
+
+def latest_checkpoint_or_none(directory: str | os.PathLike) -> Path | None:
+    """`latest_checkpoint`, or None where `latest` names nothing usable."""
+    try:
+        return latest_checkpoint(directory)
+    except (OSError, ValueError):
+        return None
+
+
+def previous_note(save_dir: str | os.PathLike) -> str:
+    """Where a run whose save failed can resume from."""
+    previous = latest_checkpoint_or_none(save_dir)
+    if previous is None:
+        return f"no earlier checkpoint in {save_dir}"
+    return f"{Path(save_dir) / LATEST} still names {previous.name} (rerun to resume from it)"
+
+
+def _agreed_sum(value: int) -> int:
+    total = torch.tensor([value], dtype=torch.float64)
+    if torch.distributed.get_world_size() > 1:
+        total = _all_reduce_cpu_or_device(total)
+    return int(total.item())
+
+
+def _all_reduce_cpu_or_device(t: torch.Tensor) -> torch.Tensor:
+    # NCCL has no CPU backend: reduce on the run's device.
+    if torch.cuda.is_available():
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return t.cpu()
+
+
+def _agreed_flag(flag: bool) -> bool:
+    if torch.distributed.get_world_size() == 1:
+        return flag
+    return bool(_all_reduce_cpu_or_device(torch.tensor([float(flag)])).item() > 0)
+
+
+def _raise_on_every_rank(problem: str, note: str, *, removed: bool = False) -> None:
+    """Rank 0's `problem` (or a rank's own) raised as CheckpointWriteError on every rank; '' goes on."""
+    message = [problem, note]
+    if torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(message, src=0)
+        if not message[0] and problem:  # this rank failed where rank 0 did not
+            message = [problem, ""]
+    if message[0]:
+        detail = "; the partial checkpoint was removed" if removed else ""
+        raise CheckpointWriteError(
+            f"{message[0]}{detail}; {message[1]}" if message[1] else message[0] + detail
+        )
 
 
 def load_checkpoint(path: str | os.PathLike, *, model, optimizer, load_rng: bool = True) -> dict[str, Any]:

@@ -209,6 +209,7 @@ class DeepSpeedTrainer(Trainer):
             write,
             run_config=ckpt.run_config(self.cfg),
             keep_last=self.cfg.training.keep_last_checkpoints,
+            estimated_bytes=ckpt.estimate_bytes(self.pipe.parameters()) // self.dp_size,
         )
         return self._saved(path)
 

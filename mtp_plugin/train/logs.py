@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import time
 from collections.abc import Mapping
@@ -152,20 +153,32 @@ def startup(print_fn, enabled: bool, message: str) -> None:
 class ScalarWriter:
     """TensorBoard scalars (one tag per logged field) and the same values, exact, as JSON lines in
     `log_dir/scalars.jsonl` (TensorBoard keeps float32; scripts and tests compare runs bit for bit from the
-    JSON: `{"step": 3, "lm loss": 6.21..., ...}`, one line per `add`, appended across resumes).
-    Nothing is written when no directory is given."""
+    JSON: `{"step": 3, "lm loss": 6.21..., ...}`, one line per `add`). Nothing is written when no directory
+    is given.
+
+    Each `add` is flushed to the operating system at once (both files), so a process killed with SIGKILL
+    loses no logged row. `purge_step`: the first step this process logs (a resume from iteration N passes
+    N + 1); rows of earlier processes at or after it, logged by a run that died before its next checkpoint
+    and trained again now, are dropped from scalars.jsonl, and TensorBoard hides their events (its own
+    purge mechanism: a SessionLog START at purge_step), so the history equals an uninterrupted run's.
+    """
 
     JSONL_NAME = "scalars.jsonl"
 
-    def __init__(self, log_dir: str | None) -> None:
+    def __init__(self, log_dir: str | None, *, purge_step: int | None = None) -> None:
         self._writer = None
         self._jsonl = None
         if log_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=log_dir)
+            path = Path(log_dir) / self.JSONL_NAME
+            stale = purge_step is not None and path.is_file()
+            if stale:
+                _drop_rows_from(path, purge_step)
+            # Without earlier rows there is nothing to purge; TensorBoard would record a restart anyway.
+            self._writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step if stale else None)
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(Path(log_dir) / self.JSONL_NAME, "a")  # noqa: SIM115 - closed in close()
+            self._jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
 
     def add(self, values: Mapping[str, float], step: int, *, suffix: str = "") -> None:
         if self._writer is None:
@@ -174,6 +187,8 @@ class ScalarWriter:
             self._writer.add_scalar(name + suffix, value, step)
         record = {"step": step, **{name + suffix: float(value) for name, value in values.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
@@ -182,10 +197,45 @@ class ScalarWriter:
             self._jsonl.close()
 
 
+def _drop_rows_from(path: Path, first_step: int) -> None:
+    """Rewrite `path` (scalars.jsonl) without the rows at `first_step` or later, atomically (a kill
+    during the rewrite leaves the old file). A torn last line of a killed writer is dropped too."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("step", first_step) < first_step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def read_scalars(path: str | Path) -> list[dict[str, float]]:
     """The records a `ScalarWriter` appended to `path` (its `scalars.jsonl`), in order."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def histories_from_scalars(
+    records: list[dict[str, float]],
+) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """(train history, validation history) of a whole run from its scalars.jsonl records (every process
+    that wrote them): training rows (those with an `lm loss`) and validation rows (" validation" suffixes
+    dropped), each with its step as "iteration", as `loss_figure` takes them."""
+    suffix = " validation"
+    train, valid = [], []
+    for record in records:
+        fields = {k: v for k, v in record.items() if k != "step"}
+        if "lm loss" in fields:
+            train.append({"iteration": float(record["step"]), **fields})
+        elif any(k.endswith(suffix) for k in fields):
+            stripped = {k[: -len(suffix)]: v for k, v in fields.items() if k.endswith(suffix)}
+            valid.append({"iteration": float(record["step"]), **stripped})
+    return train, valid
 
 
 def lambda_switches(train_history: list[dict[str, float]]) -> list[tuple[float, float, float]]:

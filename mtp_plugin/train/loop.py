@@ -18,7 +18,9 @@ without updating instead.
 Exit codes of `run` (and so of `python -m mtp_plugin.train`): 0 trained (or nothing left to train); 2 a
 configuration or resume mismatch; EXIT_SIGNAL (3) one of `training.exit_signals` arrived: the iteration
 finished, a checkpoint was saved, rerun the same command to resume; EXIT_NONFINITE (4) a non-finite loss or
-grad norm stopped the run before its update; 128 + signal number: a second signal aborted without saving.
+grad norm stopped the run before its update; EXIT_SAVE_FAILED (5) a checkpoint did not fit the free space or
+its write failed (the partial one removed, `latest` untouched); 128 + signal number: a second signal aborted
+without saving.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from mtp_plugin.train import logs
 
 EXIT_SIGNAL = 3  # stopped by one of training.exit_signals after saving; rerun the same command to resume
 EXIT_NONFINITE = 4  # a non-finite loss or grad norm stopped the run before its update
+EXIT_SAVE_FAILED = 5  # a checkpoint could not be written (no space, I/O error); the previous one is intact
 MAX_SKIPS_IN_A_ROW = 10  # training.nonfinite=skip gives up after this many non-finite iterations in a row
 
 
@@ -620,7 +623,10 @@ class Trainer:
                 f" nothing to train: {self.resume_from} is at iteration {self.iteration} of "
                 f"training.train_iters={tr.train_iters}; nothing was saved (raise training.train_iters to go on)"
             )
-        writer = logs.ScalarWriter(tr.tensorboard_dir if self.is_logging_rank else None)
+        # Rows after the checkpoint this run resumed from belong to a process that died before saving them.
+        writer = logs.ScalarWriter(
+            tr.tensorboard_dir if self.is_logging_rank else None, purge_step=self.iteration + 1
+        )
         logs.startup(
             self._print, self.is_logging_rank, f"starting training at iteration {self.iteration} of {end}"
         )
@@ -681,10 +687,16 @@ class Trainer:
                                 bar,
                             )
                         break
-                if tr.eval_interval and last_eval != self.iteration and self.iteration == tr.train_iters:
+                trained = self.iteration > first_iteration
+                if (
+                    tr.eval_interval
+                    and last_eval != self.iteration
+                    and self.iteration == tr.train_iters
+                    and trained
+                ):
                     self._run_eval(writer, bar)
                 # A resume with nothing left to train must not rewrite the checkpoint it loaded.
-                if tr.save_dir and last_save != self.iteration and self.iteration > first_iteration:
+                if tr.save_dir and last_save != self.iteration and trained:
                     self.save()
                 if stop_signal:
                     self._report_signal(stop_signal, bar)
@@ -708,11 +720,12 @@ class Trainer:
                 "skipped their update (non-finite loss or grad norm; training.nonfinite=skip)"
             )
         if self.is_logging_rank and tr.tensorboard_dir and self.result.train_history:
+            # The whole run's history (every process that trained it), not only this process's iterations.
+            train_rows, valid_rows = logs.histories_from_scalars(
+                logs.read_scalars(Path(tr.tensorboard_dir) / logs.ScalarWriter.JSONL_NAME)
+            )
             path = logs.plot_loss_curves(
-                self.result.train_history,
-                self.result.valid_history,
-                self.cfg.mtp.num_depths,
-                Path(tr.tensorboard_dir) / "loss_curves.png",
+                train_rows, valid_rows, self.cfg.mtp.num_depths, Path(tr.tensorboard_dir) / "loss_curves.png"
             )
             self.result.plot_path = str(path)
             self._print(f" wrote per-depth loss curves to {path}")
@@ -837,6 +850,9 @@ def run(
     except NonFiniteLossError as err:
         _error_line(trainer, f"error: {err}")
         raise SystemExit(EXIT_NONFINITE) from None
+    except ckpt.CheckpointWriteError as err:
+        _error_line(trainer, f"error: {err}")
+        raise SystemExit(EXIT_SAVE_FAILED) from None
     finally:
         trainer.close()
         if created:
