@@ -116,6 +116,16 @@ class CosineLambda(_RampLambda):
 
 LambdaSchedule = ConstantLambda | PiecewiseLambda | LinearLambda | CosineLambda
 
+
+def peak(schedule: LambdaSchedule) -> float:
+    """The largest λ the schedule takes."""
+    if isinstance(schedule, ConstantLambda):
+        return schedule.value
+    if isinstance(schedule, PiecewiseLambda):
+        return max(schedule.values)
+    return max(schedule.start_value, schedule.end_value)
+
+
 SCHEDULE_KINDS: dict[str, type] = {
     cls.kind: cls for cls in (ConstantLambda, PiecewiseLambda, LinearLambda, CosineLambda)
 }

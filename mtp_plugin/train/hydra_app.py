@@ -267,6 +267,37 @@ def validate_for_launch(
         check_checkpoint_dirs(experiment.training, run_dir)
     except (ValueError, OSError) as err:
         raise ConfigError(f"error: {err}") from None
+    return notices + mtp_notices(experiment)
+
+
+# Above this many times the FLOPs per token of next-token training, the MTP depths dominate the run so much
+# that the setting is more likely a typo (mtp.num_depths=100) than a plan; the toy model with D = 8: x8.2.
+MTP_COST_NOTICE = 8.0
+
+
+def mtp_notices(experiment: ExperimentConfig) -> list[str]:
+    """Settings that train but are probably not meant: λ above 1 (accepted: λ is a loss weight, Megatron's
+    mtp_loss_scaling_factor has no bound; only λ < 0 is refused), and MTP depths costing more than
+    MTP_COST_NOTICE times next-token training (the planner's FLOPs figure)."""
+    from mtp_plugin.core.schedules import peak
+    from mtp_plugin.plan.estimate import token_flops
+
+    notices = []
+    mtp = experiment.mtp
+    top = peak(mtp.lambda_schedule.build())
+    if mtp.enabled and top > 1:
+        notices.append(
+            f"warning: λ reaches {top:g} (mtp.lambda_schedule): the MTP depths outweigh the next-token loss "
+            "(DeepSeek-V3: 0.3, then 0.1); λ > 1 is allowed, λ < 0 is refused"
+        )
+    flops = token_flops(experiment.model)
+    cost = flops.training(mtp.num_depths) / flops.training(0)
+    if cost > MTP_COST_NOTICE:
+        notices.append(
+            f"warning: mtp.num_depths={mtp.num_depths} costs x{cost:.1f} the FLOPs per token of next-token "
+            f"training ({flops.training(mtp.num_depths):.3g} vs {flops.training(0):.3g}; `python -m "
+            "mtp_plugin.plan` sizes it); DeepSeek-V3 uses 1 depth"
+        )
     return notices
 
 
@@ -665,6 +696,15 @@ def main(argv: list[str] | None = None) -> None:
             # holding only what Hydra just wrote is this launch's, unless it is the launch directory.
             if run_dir in new_dirs or (not validated and run_dir != cwd and run_dir not in cwd.parents):
                 _remove_if_unused(run_dir)
+            raise
+        except SystemExit as err:
+            # An exit signal during start-up: nothing trained or saved, so a run directory this launch made
+            # holds only Hydra's files and the start-up lines (on the console too). The loop module is
+            # looked up, not imported: it imports Megatron, and it ran if this is its exception.
+            loop = sys.modules.get("mtp_plugin.train.loop")
+            stopped = loop is not None and isinstance(err, loop.StoppedBeforeTraining)
+            if stopped and output_dir.absolute() in new_dirs:
+                _remove_if_unused(output_dir.absolute())
             raise
 
     sys.argv = [sys.argv[0], *argv]

@@ -67,6 +67,10 @@ class ResumeMismatchError(ValueError):
     """The checkpoint in training.load_dir was written with another model, MTP or data configuration."""
 
 
+class StoppedBeforeTraining(SystemExit):
+    """An exit signal arrived during start-up: exit status EXIT_SIGNAL, nothing trained or saved."""
+
+
 class SignalAbort(SystemExit):
     """A second exit signal: leave at once, without saving (exit status 128 + the signal's number)."""
 
@@ -748,6 +752,15 @@ class Trainer:
             bar,
         )
 
+    def report_startup_signal(self, signum: int) -> None:
+        """An exit signal arrived before the first iteration: say so (nothing trained, nothing saved)."""
+        self.result.stop_signal = signal.Signals(signum).name
+        if self.is_logging_rank:
+            self._print(
+                f" {self.result.stop_signal} received during start-up: stopped before training iteration "
+                f"{self.iteration + 1}; nothing saved; exit code {EXIT_SIGNAL} (rerun the same command to start)"
+            )
+
     def _emit(self, line: str, bar) -> None:
         if bar is not None:
             bar.write(line)
@@ -842,7 +855,14 @@ def run(
     created = init_distributed()
     trainer = (trainer_cls or Trainer)(cfg, print_fn=print_fn)
     try:
-        trainer.setup()
+        # An exit signal during start-up (the model and dataset builds can take minutes) is kept until the
+        # start-up is done, then stops the run before its first iteration, as one during training would.
+        with ExitSignals(cfg.training.exit_signals, trainer._print) as signals:
+            trainer.setup()
+            startup_signal = trainer._agreed_signal(signals)
+        if startup_signal:
+            trainer.report_startup_signal(startup_signal)
+            raise StoppedBeforeTraining(EXIT_SIGNAL)
         result = trainer.train()
     except ResumeMismatchError as err:
         _error_line(trainer, str(err))
