@@ -162,6 +162,36 @@ def schedule_from_state_dict(state: dict[str, Any]) -> LambdaSchedule:
     return cls(**state)
 
 
+def switch_points(schedule: LambdaSchedule) -> dict[str, tuple[float, ...]]:
+    """The token positions of a schedule's switches by field ({} for a constant λ)."""
+    if isinstance(schedule, PiecewiseLambda):
+        return {"boundaries_tokens": schedule.boundaries_tokens}
+    if isinstance(schedule, _RampLambda):
+        return {"start_tokens": (schedule.start_tokens,), "end_tokens": (schedule.end_tokens,)}
+    return {}
+
+
+def keep_passed_switches(old: LambdaSchedule, new: LambdaSchedule, consumed_tokens: float) -> LambdaSchedule:
+    """`new` (the same kind and values as `old`, its switch points moved: a resumed run of another
+    length) with every switch point `old` had already passed at `consumed_tokens` kept where it was, so λ
+    never goes back to an earlier value; the switches still ahead take `new`'s positions (one that `new`
+    puts behind `consumed_tokens` happens at the next step)."""
+    merged: dict[str, Any] = {}
+    previous = -math.inf
+    for name, points in switch_points(new).items():
+        kept = []
+        for was, now in zip(switch_points(old)[name], points, strict=True):
+            point = was if was <= consumed_tokens else now
+            # Points must stay increasing; a moved one that lands behind a kept one has passed too.
+            point = point if point > previous else math.nextafter(previous, math.inf)
+            kept.append(point)
+            previous = point
+        merged[name] = tuple(kept)
+    if "start_tokens" in merged:
+        merged = {"start_tokens": merged["start_tokens"][0], "end_tokens": merged["end_tokens"][0]}
+    return dataclasses.replace(new, **merged)
+
+
 def deepseek_v3_lambda(*, switch_tokens: float = 10e12) -> PiecewiseLambda:
     """DeepSeek-V3's schedule, with the switch point scalable for short runs."""
     return PiecewiseLambda(boundaries_tokens=(switch_tokens,), values=(0.3, 0.1))
@@ -176,6 +206,8 @@ __all__ = [
     "SCHEDULE_FIELDS",
     "SCHEDULE_KINDS",
     "deepseek_v3_lambda",
+    "keep_passed_switches",
     "schedule_from_state_dict",
+    "switch_points",
     "schedule_state_dict",
 ]

@@ -30,6 +30,7 @@ checkpoints beyond that many (never the one `latest` names).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -128,14 +129,30 @@ def file_size_problem(path: str | os.PathLike) -> str | None:
     return None
 
 
+# Beside the groups in run_config.json: the run's length in tokens (train_iters x global batch x sequence),
+# against which a run-relative λ switch (mtp=deepseek_v3_scaled: 2/3 of the run) is recognised on resume.
+RUN_TOKENS = "run_tokens"
+LAMBDA_TOKEN_FIELDS = ("boundaries_tokens", "start_tokens", "end_tokens")
+
+
 def run_config(cfg) -> dict[str, Any]:
-    """The model, MTP and data settings of an ExperimentConfig, as JSON values."""
+    """The model, MTP and data settings of an ExperimentConfig, as JSON values, and its run length."""
     from dataclasses import asdict
 
     groups = {name: asdict(getattr(cfg, name)) for name in RUN_CONFIG_GROUPS}
     for field in RESUMABLE_DATA_FIELDS:
         groups["data"].pop(field, None)
+    groups[RUN_TOKENS] = cfg.training.train_iters * cfg.tokens_per_iteration
     return json.loads(json.dumps(groups))
+
+
+def _scaled(old: Any, new: Any, ratio: float) -> bool:
+    """Whether `new` is `old` (a token position or a list of them) times `ratio`."""
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(_scaled(a, b, ratio) for a, b in zip(old, new))
+    if isinstance(old, int | float) and isinstance(new, int | float):
+        return math.isclose(old * ratio, new, rel_tol=1e-9, abs_tol=1e-9)
+    return False
 
 
 def _flatten(value: Any, prefix: str) -> dict[str, Any]:
@@ -148,8 +165,10 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
 
 
 def run_config_differences(path: str | os.PathLike, current: dict[str, Any]) -> list[str]:
-    """ "mtp.num_depths=2 vs 1" for each setting where checkpoint `path` and `current` differ ([] if none,
-    or if the checkpoint predates run_config.json)."""
+    """ "mtp.num_depths=2 vs 1" for each setting where checkpoint `path` and `current` (`run_config`)
+    differ ([] if none, or if the checkpoint predates run_config.json). λ switch points that moved with the
+    run's length (scaled by the same factor as its tokens: a longer train_iters of a run-relative switch)
+    are no difference; the trainer re-derives them on resume as it re-derives the lr schedule."""
     stored_path = Path(path) / RUN_CONFIG
     if not stored_path.is_file():
         return []
@@ -159,12 +178,21 @@ def run_config_differences(path: str | os.PathLike, current: dict[str, Any]) -> 
         raise ValueError(
             f"{stored_path} is unreadable ({err}); remove that checkpoint or fix the file"
         ) from None
-    old, new = _flatten(stored, ""), _flatten(current, "")
+    old_tokens, new_tokens = stored.pop(RUN_TOKENS, None), current.get(RUN_TOKENS)
+    old = _flatten(stored, "")
+    new = _flatten({k: v for k, v in current.items() if k != RUN_TOKENS}, "")
+    ratio = new_tokens / old_tokens if old_tokens and new_tokens else None
     return [
         f"{key}={old.get(key, '(absent)')} vs {new.get(key, '(absent)')}"
         for key in sorted(old.keys() | new.keys())
         if old.get(key) != new.get(key)
+        and not (ratio and lambda_token_field(key) and _scaled(old.get(key), new.get(key), ratio))
     ]
+
+
+def lambda_token_field(key: str) -> bool:
+    """Whether dotted `key` is a λ switch point (a run-relative one follows the run's length on resume)."""
+    return key.startswith("mtp.lambda_schedule.") and key.rsplit(".", 1)[1] in LAMBDA_TOKEN_FIELDS
 
 
 def saved_layout(path: str | os.PathLike) -> dict[str, int] | None:

@@ -237,11 +237,14 @@ class DeepSpeedTrainer(Trainer):
         self.lr_steps = int(client["lr_steps"])
         self.consumed_samples = int(client["consumed_samples"])
         self._set_lr()
+        lambda_note = self._resume_lambda(client.get("lambda_schedule"))
         if self.is_logging_rank:
             self._print(
                 f" loaded checkpoint {path} at iteration {self.iteration} (consumed tokens {self.consumed_tokens}, "
                 f"λ {self.schedule(self.consumed_tokens):g})"
             )
+            if lambda_note:
+                self._print(lambda_note)
 
     def close(self) -> None:
         self.rho_meter.detach()

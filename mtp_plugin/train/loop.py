@@ -39,7 +39,13 @@ from pathlib import Path
 import torch
 
 from mtp_plugin.config import ExperimentConfig
-from mtp_plugin.core.schedules import schedule_state_dict
+from mtp_plugin.config.mtp import first_iteration_at
+from mtp_plugin.core.schedules import (
+    keep_passed_switches,
+    schedule_from_state_dict,
+    schedule_state_dict,
+    switch_points,
+)
 from mtp_plugin.megatron import (
     MTPMetrics,
     RhoMeter,
@@ -371,6 +377,7 @@ class Trainer:
         self.scheduler.load_state_dict(common["scheduler"])
         self.iteration = int(common["iteration"])
         self.consumed_samples = int(common["consumed_samples"])
+        lambda_note = self._resume_lambda(common.get("lambda_schedule"))
         if not self.is_logging_rank:
             return
         self._print(
@@ -396,6 +403,42 @@ class Trainer:
                 f" lr schedule re-derived from this run's settings ({'; '.join(changed)}): lr "
                 f"{self.optimizer.param_groups[0]['lr']:.4g} at iteration {self.iteration + 1}"
             )
+        if lambda_note:
+            self._print(lambda_note)
+
+    def _resume_lambda(self, saved: dict | None) -> str:
+        """Re-derive a run-relative λ switch on resume (the run's length changed; `_find_resume` refused any
+        other change): switches the checkpoint had passed stay passed, the others move with the run.
+        Returns the line saying so ("" when the schedule is the checkpoint's)."""
+        if saved is None:
+            return ""
+        old = schedule_from_state_dict(saved)
+        new = self.schedule
+        if schedule_state_dict(old) == schedule_state_dict(new):
+            return ""
+        tokens = self.consumed_tokens
+        self.schedule = keep_passed_switches(old, new, tokens)
+        per_iteration = self.cfg.tokens_per_iteration
+
+        def at(point: float) -> str:
+            return f"{point:,.0f} tokens (iteration {first_iteration_at(point, per_iteration)})"
+
+        moves = []
+        for name, was in switch_points(old).items():
+            wanted, now = switch_points(new)[name], switch_points(self.schedule)[name]
+            for i, (a, b, c) in enumerate(zip(was, wanted, now, strict=True)):
+                label = name + (f"[{i}]" if len(was) > 1 else "")
+                if a == c and a != b:
+                    moves.append(
+                        f"{label} {at(a)} has passed and stays passed (this run would put it at {at(b)})"
+                    )
+                elif a != c:
+                    moves.append(f"{label} {at(a)} -> {at(c)}")
+        return (
+            f" λ switch re-derived from this run's length (training.train_iters {self.cfg.training.train_iters}, "
+            f"{self.cfg.training.train_iters * per_iteration:,} tokens; {tokens:,} consumed): "
+            + "; ".join(moves)
+        )
 
     @property
     def consumed_tokens(self) -> int:
