@@ -423,17 +423,23 @@ class Trainer:
         def at(point: float) -> str:
             return f"{point:,.0f} tokens (iteration {first_iteration_at(point, per_iteration)})"
 
+        labels = {
+            "boundaries_tokens": "the switch",
+            "start_tokens": "the ramp's start",
+            "end_tokens": "its end",
+        }
         moves = []
         for name, was in switch_points(old).items():
             wanted, now = switch_points(new)[name], switch_points(self.schedule)[name]
             for i, (a, b, c) in enumerate(zip(was, wanted, now, strict=True)):
-                label = name + (f"[{i}]" if len(was) > 1 else "")
+                label = labels[name] + (f" {i + 1}" if len(was) > 1 else "")
                 if a == c and a != b:
                     moves.append(
-                        f"{label} {at(a)} has passed and stays passed (this run would put it at {at(b)})"
+                        f"{label} at {at(a)} has passed and stays passed (this run's length would put it "
+                        f"at {at(b)})"
                     )
                 elif a != c:
-                    moves.append(f"{label} {at(a)} -> {at(c)}")
+                    moves.append(f"{label} moves from {at(a)} to {at(c)}")
         return (
             f" λ switch re-derived from this run's length (training.train_iters {self.cfg.training.train_iters}, "
             f"{self.cfg.training.train_iters * per_iteration:,} tokens; {tokens:,} consumed): "
