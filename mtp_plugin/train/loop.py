@@ -399,9 +399,11 @@ class Trainer:
             if key in saved and saved[key] != now
         ]
         if changed:
+            # What the optimizer's param groups hold now, every group: the lr the next step applies.
+            lrs = ", ".join(f"{lr:.4g}" for lr in sorted({g["lr"] for g in self.optimizer.param_groups}))
             self._print(
-                f" lr schedule re-derived from this run's settings ({'; '.join(changed)}): lr "
-                f"{self.optimizer.param_groups[0]['lr']:.4g} at iteration {self.iteration + 1}"
+                f" lr schedule re-derived from this run's settings ({'; '.join(changed)}): lr {lrs} at "
+                f"iteration {self.iteration + 1}"
             )
         if lambda_note:
             self._print(lambda_note)

@@ -123,10 +123,13 @@ FLAGS = [
 FIELD = re.compile(r"\| ([a-z_0-9 ]+): ([-+0-9.E]+) ")
 
 
-def _train(script_dir: Path, tree: Path) -> list[dict[str, float]]:
+def _train(script_dir: Path, tree: Path, *extra: str) -> list[dict[str, float]]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), str(ROOT)])}
     run = subprocess.run(
-        [sys.executable, str(ROOT / "tests" / "megatron_lm" / "pretrain_cpu.py"), "pretrain_gpt.py", *FLAGS],
+        [
+            sys.executable, str(ROOT / "tests" / "megatron_lm" / "pretrain_cpu.py"), "pretrain_gpt.py", *FLAGS,
+            *extra,
+        ],
         cwd=script_dir, capture_output=True, text=True, timeout=400, env=env,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
@@ -155,3 +158,30 @@ def test_patched_script_trains_like_native_mtp(tag, tmp_path):
         # core_v0.16 - v0.18's training_log leaves out a metric whose value is 0, so a step may lack one.
         assert all(0.0 <= p.get(f"mtp_{k} acceptance", 0.0) <= 1.0 for k in (1, 2))
     assert any("mtp_1 acceptance" in p or "mtp_2 acceptance" in p for p in plugin)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="Megatron-LM's megatron/ imports triton (the 0.19.2 leg has it)",
+)
+def test_unmodified_megatron_lm_averages_the_first_two_iterations_after_a_resume(tmp_path):
+    """Issue 21 item 7: after a resume the drop-in logs the second iteration's losses as the mean of the
+    first two. So does Megatron-LM without the plugin: its training_log logs a process's first iteration
+    without resetting the accumulators (`should_reset = not is_first_iteration`, core_v0.16.0 on), so the
+    next log line averages both. The unmodified core_v0.19.0 script, native MTP, resumed from iteration 2."""
+    tag = "core_v0.19.0"
+    tree = _megatron_tree(tag, tmp_path / "tree")
+    script_dir = _checkout(tag, tmp_path / "native")
+    ckpt = tmp_path / "ckpt"
+    whole = _train(script_dir, tree)
+    saving = ["--save", str(ckpt), "--save-interval", "2"]
+    first = _train(script_dir, tree, *saving, "--exit-interval", "2")
+    resumed = _train(script_dir, tree, *saving, "--load", str(ckpt))
+    assert len(whole) == 4 and len(first) == 2 and len(resumed) == 2
+    keys = ("lm loss", "mtp_1 loss", "mtp_2 loss")
+    for key in keys:
+        assert first[1][key] == pytest.approx(whole[1][key], rel=1e-6), key
+        assert resumed[0][key] == pytest.approx(whole[2][key], rel=1e-6), key  # iteration 3: itself
+        # Iteration 4: the mean of iterations 3 and 4, as the uninterrupted run's iteration 2 is of 1 and 2.
+        assert resumed[1][key] == pytest.approx((whole[2][key] + whole[3][key]) / 2, rel=1e-6), key
+        assert resumed[1][key] != pytest.approx(whole[3][key], rel=1e-6), key

@@ -133,6 +133,24 @@ CASES = [
     ("unknown-experiment", ["experiment=nope"], None, "experiment=nope is not a shipped option"),
     # -- values out of range, groups that do not fit
     ("negative-lr", ["training.lr=-1"], None, "training.lr must be > 0"),
+    # -- numbers that are not (issue 21): NaN passes every `<` check, inf every `>`
+    ("nan-weight-decay", ["training.weight_decay=nan"], None, "training.weight_decay=nan must be a finite"),
+    ("infinite-lr", ["training.lr=inf"], None, "training.lr=inf must be a finite number"),
+    (
+        "adam-beta1-above-1",
+        ["training.adam_beta1=1.5"],
+        None,
+        "training.adam_beta1 must be in [0, 1), got 1.5",
+    ),
+    ("adam-beta2-is-1", ["training.adam_beta2=1"], None, "training.adam_beta2 must be in [0, 1), got 1.0"),
+    ("adam-eps-zero", ["training.adam_eps=0"], None, "training.adam_eps must be > 0"),
+    ("nan-init-std", ["model.init_method_std=nan"], None, "model.init_method_std=nan must be a finite"),
+    (
+        "negative-peak-tflops",
+        ["training.peak_tflops_per_device=-1"],
+        None,
+        "peak_tflops_per_device must be >= 0",
+    ),
     ("lr-decay-style", ["training.lr_decay_style=step"], None, "training.lr_decay_style='step'"),
     ("batch-split", ["training.global_batch_size=6", "training.micro_batch_size=4"], None, "multiple of"),
     ("eval-without-iters", ["training.eval_interval=5", "training.eval_iters=0"], None, "eval_iters >= 1"),

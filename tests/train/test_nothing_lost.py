@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -151,6 +152,25 @@ def test_app_stops_on_nonfinite_grad_norm_with_one_line_and_exit_code_4(tmp_path
     assert (checkpoints / "latest").read_text().strip() == "iter_0000003"
     # The shipped training.keep_last_checkpoints=2 keeps the newest two.
     assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000002", "iter_0000003", "latest"]
+    # Resumed with a sane lr, the optimizer's param groups follow it (before: their restored max_lr of 1e6
+    # won, the line claimed 1e-3 and iteration 4 hit the same non-finite grad norm). Cosine from 1e-3 to 0
+    # over iterations 2-5: 5e-4 at iteration 4.
+    resumed = run_app(
+        *_app_args(
+            train, valid, run_dir, "training.train_iters=5", "training.lr=1e-3", "training.min_lr=0",
+            "training.save_interval=1",
+        )[3:]
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (
+        " lr schedule re-derived from this run's settings (training.lr 1000000.0 -> 0.001): lr 0.0005 at "
+        "iteration 4"
+    ) in resumed.stdout.splitlines()
+    from mtp_plugin.train import logs
+
+    rows = _train_rows(run_dir / "tensorboard" / logs.ScalarWriter.JSONL_NAME)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[3]["learning rate"] == pytest.approx(5e-4, rel=1e-12) and rows[3]["grad norm"] < 100
 
 
 # ------------------------------------------------------------------ exit signals, resume
@@ -360,3 +380,234 @@ def test_resume_config_differences_name_each_field(tmp_path):
         "model.hidden_size=32 vs 64",
         "mtp.num_depths=2 vs 1",
     ]
+
+
+# ------------------------------------------------------------------ issue 21: the history, full disks, shards
+
+
+def _env() -> dict:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+
+
+def _train_rows(path: Path) -> list[dict]:
+    from mtp_plugin.train import logs
+
+    return [r for r in logs.read_scalars(path) if "lm loss" in r]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[str, str]:
+    return write_tiny_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.mark.megatron
+@pytest.mark.slow
+def test_kill_9_loses_no_logged_row_and_a_resume_rewrites_the_history_as_one_run(corpus, tmp_path):
+    """Before: scalars.jsonl was written at close (a SIGKILL lost every row of that process) and a resume
+    appended the iterations it trained again (step 4 twice); TensorBoard's events likewise."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train, valid = corpus
+    run_dir = tmp_path / "run"
+    jsonl = run_dir / "tensorboard" / "scalars.jsonl"
+    args = _app_args(
+        train,
+        valid,
+        run_dir,
+        "training.train_iters=6",
+        "training.save_interval=3",
+        "training.eval_interval=3",
+    )
+    proc = subprocess.Popen(
+        args, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        for line in proc.stdout:
+            if "iteration        5/" in line:
+                os.killpg(proc.pid, signal.SIGKILL)  # iteration 5 is logged; the last checkpoint is 3's
+                break
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL
+    killed = _train_rows(jsonl)
+    assert [r["step"] for r in killed] == [1, 2, 3, 4, 5]  # every logged row survived the SIGKILL
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
+
+    resumed = run_app(*args[3:])  # the same command: resumes from iteration 3, trains 4-6 again
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = _train_rows(jsonl)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # 4 and 5 once, from the process that saved them
+    assert rows[:3] == killed[:3]
+    for got, was in zip(rows[3:5], killed[3:5], strict=True):  # CPU runs are deterministic: the same again
+        assert {k: got[k] for k in LOSS_KEYS} == {k: was[k] for k in LOSS_KEYS}
+    from mtp_plugin.train import logs
+
+    valid_steps = [r["step"] for r in logs.read_scalars(jsonl) if "lm loss validation" in r]
+    assert valid_steps == [3, 6]
+    # TensorBoard reads the events of both processes; its purge hides the first one's steps 4 and 5.
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    scalars = events.Scalars("lm loss")
+    assert [e.step for e in scalars] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in scalars] == pytest.approx([r["lm loss"] for r in rows], rel=1e-6)
+    # train.log keeps every line printed, the killed process's iterations 4 and 5 among them, up to the
+    # resume line that says where the history continues.
+    log = (run_dir / "train.log").read_text()
+    assert log.count("iteration        4/") == 2 and "loaded checkpoint" in log
+
+    # A truncated shard of the newest checkpoint is one line at launch, naming the file and the one before.
+    shard = run_dir / "checkpoints" / "iter_0000006" / "__0_0.distcp"
+    size = shard.stat().st_size
+    os.truncate(shard, size // 2)
+    damaged = run_app(*_app_args(train, valid, run_dir, "training.train_iters=8")[3:])
+    assert damaged.returncode == 2, damaged.stderr[-3000:]
+    assert damaged.stderr.strip().splitlines() == [
+        f"error: {shard} is {size // 2:,} bytes, {size:,} when saved (truncated or damaged); the checkpoint "
+        f"is damaged: point {run_dir}/checkpoints/latest at the previous iter_* directory (iter_0000003 is "
+        "the newest before it)"
+    ]
+    assert "building the model" not in damaged.stdout
+
+
+def _mount_tmpfs(where: Path, options: str) -> None:
+    where.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
+    )
+    if proc.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here (`mount -t tmpfs -o {options}`: {proc.stderr.strip()})")
+
+
+@pytest.mark.megatron
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        # 2 MiB: one toy checkpoint (1.8 MB) fits; the second is refused before anything is written.
+        (
+            "size=2m",
+            "error: not enough space in {ckpt} for checkpoint iter_0000002: it needs about 1,785,237 bytes, "
+            "{free} are free; free space or point training.save_dir elsewhere; nothing was written; "
+            "{ckpt}/latest still names iter_0000001 (rerun to resume from it)",
+        ),
+        # Space enough but 13 inodes: the second checkpoint's files run out of them while being written.
+        (
+            "size=64m,nr_inodes=13",
+            "error: writing checkpoint iter_0000002 in {ckpt} failed: No space left on device (errno 28); the "
+            "partial checkpoint was removed; {ckpt}/latest still names iter_0000001 (rerun to resume from it)",
+        ),
+    ],
+    ids=["no-space-for-the-save", "write-fails-midway"],
+)
+def test_a_full_disk_is_one_line_exit_5_with_the_last_checkpoint_intact(options, message, corpus, tmp_path):
+    """Before: exit 1, 98 lines and two tracebacks ending in `unexpected pos 704 vs 598`."""
+    train, valid = corpus
+    mount = tmp_path / "small"
+    _mount_tmpfs(mount, options)
+    try:
+        ckpt = mount / "ckpt"
+        proc = run_app(
+            *_app_args(
+                train, valid, tmp_path / "run", "training.train_iters=3", "training.save_interval=1",
+                f"training.save_dir={ckpt}", f"training.load_dir={ckpt}",
+            )[3:]
+        )  # fmt: skip
+        free = f"{shutil.disk_usage(mount).free:,}"
+        assert proc.returncode == 5, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines() == [message.format(ckpt=ckpt, free=free)]
+        assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000001", "latest"]
+        assert (ckpt / "latest").read_text().strip() == "iter_0000001"
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.mark.megatron
+@pytest.mark.slow
+def test_a_run_of_a_shipped_preset_is_extended_and_its_passed_lambda_switch_stays_passed(corpus, tmp_path):
+    """Before: experiment=toy_demo at 6 iterations, then at more, was refused: its λ switch (2/3 of the run)
+    moved with train_iters (`boundaries_tokens=[4096.2047999999995] vs [5461.6064]`)."""
+    train, valid = corpus
+    run_dir = tmp_path / "run"
+
+    def launch(*extra: str) -> subprocess.CompletedProcess:
+        return run_app(*_app_args(train, valid, run_dir, "experiment=toy_demo", *extra)[3:])
+
+    first = launch("training.train_iters=6")  # switch at 512 tokens: iteration 6 trains at λ 0.1
+    assert first.returncode == 0, first.stderr[-3000:]
+    longer = launch("training.train_iters=30", "training.exit_interval=7")
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert (
+        " λ switch re-derived from this run's length (training.train_iters 30, 3,840 tokens; 768 consumed): the "
+        "switch at 512 tokens (iteration 6) has passed and stays passed (this run's length would put it at "
+        "2,560 tokens (iteration 22))"
+    ) in longer.stdout.splitlines(), longer.stdout[-3000:]
+    rows = _train_rows(run_dir / "tensorboard" / "scalars.jsonl")
+    assert [(r["step"], r["mtp lambda"]) for r in rows] == [
+        (1, 0.3), (2, 0.3), (3, 0.3), (4, 0.3), (5, 0.3), (6, 0.1), (7, 0.1),
+    ]  # fmt: skip
+    # A λ switch of the user's own that does not follow the run's length is refused, before any model.
+    moved = launch("training.train_iters=30", "mtp.lambda_schedule.boundaries_tokens=[1000]")
+    assert moved.returncode == 2, moved.stderr[-3000:]
+    (line,) = moved.stderr.strip().splitlines()
+    assert line.startswith(
+        f"error: {run_dir}/checkpoints/iter_0000007 was written with another configuration"
+    )
+    assert "mtp.lambda_schedule.boundaries_tokens=[2560.1" in line and "vs [1000.0]" in line, line
+    assert "building the model" not in moved.stdout
+
+
+def test_a_resumed_lambda_schedule_keeps_the_switches_it_passed():
+    from mtp_plugin.core.schedules import CosineLambda, PiecewiseLambda, keep_passed_switches
+
+    old = PiecewiseLambda(boundaries_tokens=(100, 300), values=(0.3, 0.2, 0.1))
+    longer = PiecewiseLambda(boundaries_tokens=(200, 600), values=(0.3, 0.2, 0.1))
+    assert keep_passed_switches(old, longer, 50).boundaries_tokens == (200, 600)  # none passed: all move
+    assert keep_passed_switches(old, longer, 150).boundaries_tokens == (100, 600)  # the first stays
+    assert keep_passed_switches(old, longer, 300).boundaries_tokens == (
+        100,
+        300,
+    )  # a boundary belongs to the later piece
+    shorter = PiecewiseLambda(boundaries_tokens=(50, 90), values=(0.3, 0.2, 0.1))
+    kept = keep_passed_switches(old, shorter, 120)  # the second lands behind the first: passed now, after it
+    assert kept.boundaries_tokens[0] == 100 and 100 < kept.boundaries_tokens[1] < 100.001 and kept(120) == 0.1
+    ramp = keep_passed_switches(
+        CosineLambda(start_tokens=10, end_tokens=20), CosineLambda(start_tokens=30, end_tokens=60), 15
+    )
+    assert (ramp.start_tokens, ramp.end_tokens) == (10, 60)
+
+
+@pytest.mark.megatron
+def test_sigterm_during_start_up_stops_before_training_with_one_line_and_no_run_directory(corpus, tmp_path):
+    """Before: SIGTERM while the model was being built exited 143 without a word and left the run directory."""
+    train, valid = corpus
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        _app_args(train, valid, run_dir, "training.train_iters=3"), cwd=REPO, env=_env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "initialising" in line:  # start-up has begun: process groups, then the model and datasets
+                proc.send_signal(signal.SIGTERM)
+                break
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stdout = "".join(seen) + stdout
+    assert proc.returncode == 3, stderr[-3000:]
+    assert (
+        " SIGTERM received during start-up: stopped before training iteration 1; nothing saved; exit code 3 "
+        "(rerun the same command to start)"
+    ) in stdout.splitlines()
+    assert "iteration        1/" not in stdout and "Traceback" not in stderr
+    assert not run_dir.exists()
+    assert _process_group_members(proc.pid) == []
