@@ -472,7 +472,18 @@ def test_default_split_of_a_small_corpus_builds(tmp_path):
     assert len(train_ds) >= 8 and len(valid_ds) >= 4
 
 
-def test_the_real_process_exits_2_with_one_line_and_no_run_directory(corpus, tmp_path):
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("+training.foo=1", "error: training.foo is not a setting"),
+        # Before (issue 21): a 27-line torch traceback from the optimizer, and a run directory left behind.
+        (
+            "training.weight_decay=nan",
+            "error: training.weight_decay=nan must be a finite number; set a real value",
+        ),
+    ],
+)
+def test_the_real_process_exits_2_with_one_line_and_no_run_directory(override, line, corpus, tmp_path):
     """The same through `python -m mtp_plugin.train` from an empty launch directory: the exit status
     the shell sees, and no outputs/<date>/<time>/ (Hydra's default run directory) afterwards."""
     import os
@@ -482,7 +493,7 @@ def test_the_real_process_exits_2_with_one_line_and_no_run_directory(corpus, tmp
 
     train, valid = corpus
     proc = subprocess.run(
-        [sys.executable, "-m", "mtp_plugin.train", f"data.train_prefix={train}", "+training.foo=1"],
+        [sys.executable, "-m", "mtp_plugin.train", f"data.train_prefix={train}", override],
         cwd=tmp_path,
         env={
             **os.environ,
@@ -495,5 +506,23 @@ def test_the_real_process_exits_2_with_one_line_and_no_run_directory(corpus, tmp
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         proc.stderr.strip().splitlines()[0]
-    ] and proc.stderr.startswith("error: training.foo is not a setting"), proc.stderr[-2000:]
+    ] and proc.stderr.startswith(line), proc.stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_settings_that_train_but_are_probably_not_meant_are_warned_about():
+    """Issue 21: `mtp.num_depths=100` at sequence 128 ran without a word and did not finish an iteration in
+    120 s; λ > 1 was accepted silently while λ < 0 is refused. Both train, with a warning at launch."""
+    experiment = lambda *overrides: hydra_app.compose_experiment(["experiment=toy_demo", *overrides])
+    assert hydra_app.mtp_notices(experiment()) == []
+    (depths,) = hydra_app.mtp_notices(experiment("mtp.num_depths=100"))
+    assert depths.startswith(
+        "warning: mtp.num_depths=100 costs x91.5 the FLOPs per token of next-token training"
+    )
+    (lam,) = hydra_app.mtp_notices(experiment("mtp=d1", "mtp.lambda_schedule.value=2"))
+    assert lam == (
+        "warning: λ reaches 2 (mtp.lambda_schedule): the MTP depths outweigh the next-token loss (DeepSeek-V3: "
+        "0.3, then 0.1); λ > 1 is allowed, λ < 0 is refused"
+    )
+    with pytest.raises(hydra_app.ConfigError, match="must be a finite λ >= 0"):
+        experiment("mtp=d1", "mtp.lambda_schedule.value=-0.5")

@@ -489,10 +489,11 @@ def _mount_tmpfs(where: Path, options: str) -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        # 2 MiB: one toy checkpoint (1.8 MB) fits; the second is refused before anything is written.
+        # 2 MiB: one toy checkpoint (1.8 MB) fits; the second, needing as much as the first, is refused
+        # before anything is written.
         (
             "size=2m",
-            "error: not enough space in {ckpt} for checkpoint iter_0000002: it needs about 1,785,237 bytes, "
+            "error: not enough space in {ckpt} for checkpoint iter_0000002: it needs about {needed} bytes, "
             "{free} are free; free space or point training.save_dir elsewhere; nothing was written; "
             "{ckpt}/latest still names iter_0000001 (rerun to resume from it)",
         ),
@@ -519,8 +520,9 @@ def test_a_full_disk_is_one_line_exit_5_with_the_last_checkpoint_intact(options,
             )[3:]
         )  # fmt: skip
         free = f"{shutil.disk_usage(mount).free:,}"
+        needed = f"{sum(f.stat().st_size for f in (ckpt / 'iter_0000001').iterdir()):,}"
         assert proc.returncode == 5, proc.stderr[-3000:]
-        assert proc.stderr.strip().splitlines() == [message.format(ckpt=ckpt, free=free)]
+        assert proc.stderr.strip().splitlines() == [message.format(ckpt=ckpt, free=free, needed=needed)]
         assert sorted(p.name for p in ckpt.iterdir()) == ["iter_0000001", "latest"]
         assert (ckpt / "latest").read_text().strip() == "iter_0000001"
     finally:
