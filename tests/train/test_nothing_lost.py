@@ -6,6 +6,7 @@ the exit codes and messages go through `python -m mtp_plugin.train`."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -152,25 +153,6 @@ def test_app_stops_on_nonfinite_grad_norm_with_one_line_and_exit_code_4(tmp_path
     assert (checkpoints / "latest").read_text().strip() == "iter_0000003"
     # The shipped training.keep_last_checkpoints=2 keeps the newest two.
     assert sorted(p.name for p in checkpoints.iterdir()) == ["iter_0000002", "iter_0000003", "latest"]
-    # Resumed with a sane lr, the optimizer's param groups follow it (before: their restored max_lr of 1e6
-    # won, the line claimed 1e-3 and iteration 4 hit the same non-finite grad norm). Cosine from 1e-3 to 0
-    # over iterations 2-5: 5e-4 at iteration 4.
-    resumed = run_app(
-        *_app_args(
-            train, valid, run_dir, "training.train_iters=5", "training.lr=1e-3", "training.min_lr=0",
-            "training.save_interval=1",
-        )[3:]
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (
-        " lr schedule re-derived from this run's settings (training.lr 1000000.0 -> 0.001): lr 0.0005 at "
-        "iteration 4"
-    ) in resumed.stdout.splitlines()
-    from mtp_plugin.train import logs
-
-    rows = _train_rows(run_dir / "tensorboard" / logs.ScalarWriter.JSONL_NAME)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
-    assert rows[3]["learning rate"] == pytest.approx(5e-4, rel=1e-12) and rows[3]["grad norm"] < 100
 
 
 # ------------------------------------------------------------------ exit signals, resume
@@ -613,3 +595,31 @@ def test_sigterm_during_start_up_stops_before_training_with_one_line_and_no_run_
     assert "iteration        1/" not in stdout and "Traceback" not in stderr
     assert not run_dir.exists()
     assert _process_group_members(proc.pid) == []
+
+
+@pytest.mark.megatron
+@pytest.mark.slow
+def test_a_resume_with_another_lr_trains_at_that_lr(corpus, tmp_path):
+    """Before: resumed with training.lr=1e-3 after a run at 1e6, the line claimed the new lr while the
+    restored param groups' max_lr of 1e6 drove the schedule (the next iterations went non-finite)."""
+    train, valid = corpus
+    run_dir = tmp_path / "run"
+    common = ("training.train_iters=5", "training.min_lr=0", "training.save_interval=1")
+    # Iteration 1 is the warmup's lr 0: the saved weights are the initial ones, only the optimizer knows 1e6.
+    first = run_app(
+        *_app_args(train, valid, run_dir, *common, "training.lr=1e6", "training.exit_interval=1")[3:]
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run_app(*_app_args(train, valid, run_dir, *common, "training.lr=1e-3")[3:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # Every param group's lr as the resumed optimizer holds it, then each logged step's (group 0's).
+    assert (
+        " lr schedule re-derived from this run's settings (training.lr 1000000.0 -> 0.001): lr 0.001 at "
+        "iteration 2"
+    ) in resumed.stdout.splitlines(), resumed.stdout[-3000:]
+    rows = _train_rows(run_dir / "tensorboard" / "scalars.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    # Cosine from 1e-3 to 0 over iterations 2-5.
+    want = [0.0, *(0.5e-3 * (1 + math.cos(math.pi * i / 4)) for i in range(4))]
+    assert [r["learning rate"] for r in rows] == pytest.approx(want, rel=1e-12, abs=1e-18)
+    assert all(math.isfinite(r["grad norm"]) and r["grad norm"] < 100 for r in rows)
