@@ -109,6 +109,26 @@ def record_file_sizes(directory: Path) -> None:
     (directory / FILE_SIZES).write_text(json.dumps({"files": sizes}, indent=1) + "\n")
 
 
+def check_file_sizes(path: str | os.PathLike) -> None:
+    """ValueError in one line, naming the file and the checkpoint before it, if a file of checkpoint `path`
+    is not the size it was saved with (see `file_size_problem`)."""
+    path = Path(path)
+    problem = file_size_problem(path)
+    if problem:
+        earlier = sorted(
+            p.name for p in path.parent.glob("iter_*") if p.is_dir() and p.suffix == "" and p.name < path.name
+        )
+        previous = (
+            f"{earlier[-1]} is the newest before it"
+            if earlier
+            else "there is none before it; remove it to start fresh"
+        )
+        raise ValueError(
+            f"{problem}; the checkpoint is damaged: point {path.parent / LATEST} at the previous iter_* "
+            f"directory ({previous})"
+        )
+
+
 def file_size_problem(path: str | os.PathLike) -> str | None:
     """'<file> is N bytes, M when saved' (or 'is missing') for the first file of checkpoint `path` that
     differs from its FILE_SIZES record; None when all match or the checkpoint predates the record."""

@@ -355,14 +355,10 @@ _CHECKPOINT_NAME = re.compile(r"^iter_\d{7}$")
 def check_checkpoint(path: Path, pointer: Path) -> None:
     """OSError naming the file unless `path` looks like a finished dist_checkpointing checkpoint (or a
     finished DeepSpeed one: the plugin's marker file, written after every rank's files)."""
-    from mtp_plugin.train.checkpoint import DEEPSPEED_MARKER, file_size_problem
+    from mtp_plugin.train.checkpoint import DEEPSPEED_MARKER, check_file_sizes
 
-    sizes = file_size_problem(path) if path.is_dir() else None
-    if sizes:
-        raise ValueError(
-            f"{sizes}; the checkpoint is damaged: point {pointer} at the previous iter_* directory "
-            f"({_previous_checkpoint(path)})"
-        )
+    if path.is_dir():
+        check_file_sizes(path)
     marker = path / DEEPSPEED_MARKER
     if marker.is_file():
         try:
@@ -395,18 +391,6 @@ def check_checkpoint(path: Path, pointer: Path) -> None:
         raise FileNotFoundError(
             f"{common} is missing or empty; the checkpoint is damaged: point {pointer} at another iter_* directory"
         )
-
-
-def _previous_checkpoint(path: Path) -> str:
-    """'iter_0000002 is the newest before it' or 'there is none before it'."""
-    earlier = sorted(
-        p.name for p in path.parent.glob("iter_*") if p.is_dir() and p.suffix == "" and p.name < path.name
-    )
-    return (
-        f"{earlier[-1]} is the newest before it"
-        if earlier
-        else "there is none before it; remove it to start fresh"
-    )
 
 
 def check_checkpoint_dirs(training, run_dir: str | os.PathLike | None = None) -> None:

@@ -70,7 +70,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class ResumeMismatchError(ValueError):
-    """The checkpoint in training.load_dir was written with another model, MTP or data configuration."""
+    """The checkpoint in training.load_dir was written with another model, MTP or data configuration, or
+    one of its files is no longer the size it was saved with."""
 
 
 class StoppedBeforeTraining(SystemExit):
@@ -319,6 +320,10 @@ class Trainer:
         setup is refused in one line."""
         self.resume_from = ckpt.latest_checkpoint(self.cfg.training.load_dir)
         if self.resume_from is not None:
+            try:  # the app checked it at launch; a Trainer built directly is held to the same rule
+                ckpt.check_file_sizes(self.resume_from)
+            except ValueError as err:
+                raise ResumeMismatchError(f"error: {err}") from None
             differences = ckpt.run_config_differences(self.resume_from, ckpt.run_config(self.cfg))
             if differences:
                 raise ResumeMismatchError(
@@ -671,7 +676,7 @@ class Trainer:
         `result.stop_signal`."""
         tr = self.cfg.training
         end = tr.train_iters if stop_at is None else min(stop_at, tr.train_iters)
-        first_iteration = self.iteration
+        first_iteration, skipped_before = self.iteration, self.result.skipped_iterations
         metric_names = logs.metric_names(self.cfg.mtp.num_depths)
         if self.iteration >= tr.train_iters and self.is_logging_rank:
             self._print(
@@ -768,11 +773,12 @@ class Trainer:
                 f" peak memory {self.result.peak_memory_gib:.2f} GiB allocated on "
                 f"{torch.cuda.get_device_name(self.device)} (torch.cuda.max_memory_allocated)"
             )
-        if self.is_logging_rank and self.result.skipped_iterations:
+        skipped = self.result.skipped_iterations - skipped_before
+        if self.is_logging_rank and skipped:
             # Exit 0 with skipped updates must still say so at the end, not only in lines scrolled past.
             self._print(
-                f" {self.result.skipped_iterations} of {self.iteration - first_iteration} iterations "
-                "skipped their update (non-finite loss or grad norm; training.nonfinite=skip)"
+                f" {skipped} of {self.iteration - first_iteration} iterations skipped their update "
+                "(non-finite loss or grad norm; training.nonfinite=skip)"
             )
         if self.is_logging_rank and tr.tensorboard_dir and self.result.train_history:
             # The whole run's history (every process that trained it), not only this process's iterations.

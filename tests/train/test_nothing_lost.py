@@ -128,6 +128,11 @@ def test_nonfinite_grad_norm_is_never_applied_nor_saved(tmp_path):
         " iteration 3: grad norm nan; update skipped (training.nonfinite=skip, 1 in a row)" in skip["lines"]
     )
     assert [h["iteration"] for h in skip["history"]] == [1, 2, 4, 5, 6]
+    # The run ends with exit 0: the count is said at its end too (issue 21), once, by the train() that skipped.
+    summary = [line for line in skip["lines"] if "skipped their update" in line]
+    assert summary == [
+        " 1 of 1 iterations skipped their update (non-finite loss or grad norm; training.nonfinite=skip)"
+    ]
 
 
 @pytest.mark.megatron
