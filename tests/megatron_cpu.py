@@ -375,7 +375,9 @@ def forward_backward(
     }
 
 
-def build_tiny_plugin_gpt(model: TinyGPT, *, loss_chunk_tokens: int = 0, **config_overrides: Any):
+def build_tiny_plugin_gpt(
+    model: TinyGPT, *, loss_chunk_tokens: int = 0, trunk_gradients: str = "joint", **config_overrides: Any
+):
     """This pipeline stage of the plugin's MTPGPTModel with `model`'s shape and config.
 
     Same TransformerConfig and trunk spec as `build_tiny_gpt`, so the two hold the same parameters
@@ -402,6 +404,7 @@ def build_tiny_plugin_gpt(model: TinyGPT, *, loss_chunk_tokens: int = 0, **confi
         model.seq_length,
         mtp_stage=plan.mtp_stage or 0,
         loss_chunk_tokens=loss_chunk_tokens,
+        trunk_gradients=trunk_gradients,
         pre_process="E" in stage,
         post_process="L" in stage,
         share_embeddings_and_output_weights=model.share_embeddings_and_output_weights,

@@ -14,6 +14,9 @@ from mtp_plugin.core.schedules import (
     PiecewiseLambda,
 )
 
+# mtp.trunk_gradients (MTPConfig's docstring).
+TRUNK_GRADIENTS = ("joint", "detached", "frozen")
+
 
 def first_iteration_at(tokens: float, tokens_per_iteration: int) -> int:
     """The first iteration (1-based) whose λ sees at least `tokens` consumed: iteration i is weighted by
@@ -114,6 +117,16 @@ class MTPConfig:
     placement: "last" (MTP, head and loss on the last pipeline stage) or "stage" (MTP on `mtp_stage`,
       later stages carry hidden states on to the head and loss).
     mtp_stage: the pipeline stage that runs the MTP depths when placement == "stage".
+    trunk_gradients: what the depth losses train. "joint" (DeepSeek-V3 pre-training): the depths and,
+      through them, the trunk, the embedding and the output head. "detached" (Megatron-Core 0.19's
+      `mtp_detach_heads`): the depths only; the trunk's hidden state, the embedding and the head weight
+      enter the depths' loss detached, while the trunk still trains on the main loss. "frozen": only the
+      depths train; the trunk, embedding and head get no gradient at all, are left out of the optimizer
+      (so weight decay never touches them) and run forward without keeping activations: refreshing the
+      depths on a finished (fine-tuned) trunk, which needs a checkpoint to start from.
+    A λ that is the constant 0 with D >= 1 leaves the depths as they are: they are scored (their loss and
+    acceptance are logged) without a gradient and are left out of the optimizer, as an SFT/RL run that
+    drops the MTP loss keeps them.
     """
 
     num_depths: int = 1
@@ -124,6 +137,7 @@ class MTPConfig:
     mask_across_eod: bool = False
     placement: str = "last"
     mtp_stage: int | None = None
+    trunk_gradients: str = "joint"
 
     def __post_init__(self) -> None:
         if isinstance(self.lambda_schedule, dict):
@@ -167,6 +181,20 @@ class MTPConfig:
             raise ValueError(
                 f"mtp.placement={self.placement!r} is unknown; use 'last' or 'stage' (with mtp_stage)"
             )
+        if self.trunk_gradients not in TRUNK_GRADIENTS:
+            raise ValueError(
+                f"mtp.trunk_gradients={self.trunk_gradients!r} is unknown; use one of {', '.join(TRUNK_GRADIENTS)}"
+            )
+        if self.trunk_gradients != "joint" and not self.num_depths:
+            raise ValueError(
+                f"mtp.trunk_gradients={self.trunk_gradients} with mtp.num_depths=0: there are no depths to "
+                "train; set num_depths or trunk_gradients=joint"
+            )
+        if self.trunk_gradients == "frozen" and not self.trains_depths:
+            raise ValueError(
+                "mtp.trunk_gradients=frozen trains only the depths, and a constant λ of 0 gives them no "
+                "gradient: nothing would train; set mtp.lambda_schedule.value > 0"
+            )
         if self.placement == "stage" and self.mtp_stage is None:
             raise ValueError("mtp.placement='stage' needs mtp.mtp_stage (a pipeline stage index >= 1)")
         if self.placement == "stage" and self.mtp_stage is not None and self.mtp_stage < 1:
@@ -178,6 +206,12 @@ class MTPConfig:
     @property
     def enabled(self) -> bool:
         return self.num_depths > 0
+
+    @property
+    def trains_depths(self) -> bool:
+        """False when the depths get no gradient ever (D = 0, or λ the constant 0): they are only scored."""
+        schedule = self.lambda_schedule
+        return self.enabled and not (schedule.kind == "constant" and schedule.build().value == 0)
 
     def describe(self, tokens_per_iteration: int, train_iters: int) -> str:
         """One line: D, λ with its switch points in tokens and iterations, the depths' loss path."""
@@ -191,9 +225,17 @@ class MTPConfig:
             if self.loss_chunk_tokens
             else "plain (full [tokens x vocab] logits per depth)"
         )
+        trains = {
+            "joint": "",
+            "detached": "; depths trained on detached trunk states (no MTP gradient reaches the trunk, "
+            "embedding or head)",
+            "frozen": "; trunk, embedding and head frozen: only the depths train",
+        }[self.trunk_gradients]
+        if not self.trains_depths:
+            trains = "; depths scored only, left as they are (λ = 0: no gradient, not in the optimizer)"
         return (
             f"MTP D = {self.num_depths} ({weights}), {self.lambda_schedule.describe(tokens_per_iteration, train_iters)}; "
-            f"depth loss {loss}"
+            f"depth loss {loss}{trains}"
         )
 
     @property

@@ -40,6 +40,11 @@ class TrainingConfig:
       a missing `latest` pointer there means "start fresh". Any other load_dir (outside the run
       directory) is a checkpoint to start from: it must exist and hold `latest`. Both are checked, and
       save_dir probed for writing, before the run starts.
+    pretrained_checkpoint: a finished checkpoint of this app (a save_dir holding `latest`, or one iter_*
+      directory) whose model weights start the run when load_dir holds no checkpoint to resume
+      (Megatron-LM's --pretrained-checkpoint): the optimizer, iteration and data position start fresh, so
+      the MTP and data settings may differ from the checkpoint's (fine-tuning, refreshing the depths);
+      the model settings and the number of depths must match.
     tensorboard_dir: TensorBoard event files, their exact values as `scalars.jsonl`, and the per-depth loss
       plot (None: none of them).
     progress_bar: "auto" (a tqdm bar when stdout is a terminal), "on", or "off".
@@ -74,6 +79,7 @@ class TrainingConfig:
     exit_interval: int = 0
     save_dir: str | None = None
     load_dir: str | None = None
+    pretrained_checkpoint: str | None = None
     seed: int = 1234
     tensorboard_dir: str | None = None
     progress_bar: str = "auto"
@@ -348,6 +354,8 @@ class ExperimentConfig:
             raise ValueError(
                 f"mtp.mtp_stage={self.mtp.mtp_stage} does not exist with {pp} pipeline stages; use a stage in [1, {pp})"
             )
+        if self.mtp.trunk_gradients == "frozen":
+            self._check_frozen_trunk()
         if self.parallel.context_parallel_size > 1 or self.parallel.tensor_model_parallel_size > 1:
             # Not a Megatron limit: the training loop does not yet shard batches over context parallel
             # ranks nor check tensor-parallel shapes.
@@ -360,6 +368,23 @@ class ExperimentConfig:
                     f"model.num_attention_heads={self.model.num_attention_heads} is not divisible by "
                     f"parallel.tensor_model_parallel_size={self.parallel.tensor_model_parallel_size}"
                 )
+
+    def _check_frozen_trunk(self) -> None:
+        if not (self.training.pretrained_checkpoint or self.training.load_dir):
+            raise ValueError(
+                "mtp.trunk_gradients=frozen trains the depths on a finished trunk, and this run has none to "
+                "start from; set training.pretrained_checkpoint=DIR (a checkpoint of the trained model)"
+            )
+        if self.parallel.pipeline_model_parallel_size > 1:
+            raise ValueError(
+                "mtp.trunk_gradients=frozen with parallel.pipeline_model_parallel_size > 1: the stages before "
+                "the depths would have nothing to train or send a gradient to; use pipeline size 1"
+            )
+        if self.model.moe_router_enable_expert_bias:
+            raise ValueError(
+                "mtp.trunk_gradients=frozen with model.moe_router_enable_expert_bias: Megatron updates every "
+                "router's balancing bias after each step, the frozen trunk's too; use trunk_gradients=detached"
+            )
 
     def check_world_size(self, world_size: int) -> int:
         """Check the layout against the number of processes; return the data-parallel size."""

@@ -9,7 +9,14 @@ from mtp_plugin.core.cross_entropy import (
     linear_cross_entropy,
     linear_cross_entropy_plain,
 )
-from mtp_plugin.core.loss import MTPLossOutput, default_depth_weights, multi_token_loss, weighted_depth_loss
+from mtp_plugin.core.loss import (
+    MTPLossOutput,
+    chain_accept_length,
+    default_depth_weights,
+    depth_count_rows,
+    multi_token_loss,
+    weighted_depth_loss,
+)
 from mtp_plugin.core.module import MTPDepth, MTPStack, build_mtp_stack, rms_norm_factory
 from mtp_plugin.core.schedules import (
     ConstantLambda,
@@ -37,8 +44,10 @@ __all__ = [
     "PiecewiseLambda",
     "all_depth_targets",
     "build_mtp_stack",
+    "chain_accept_length",
     "deepseek_v3_lambda",
     "default_depth_weights",
+    "depth_count_rows",
     "depth_targets",
     "eod_valid_mask",
     "linear_cross_entropy",

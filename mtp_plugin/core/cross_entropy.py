@@ -40,11 +40,16 @@ DEFAULT_LOSS_CHUNK_TOKENS = 4096
 
 @dataclass(frozen=True)
 class CrossEntropyStats:
-    """Summed CE (differentiable), number of valid targets and of top-1 hits among them."""
+    """Summed CE (differentiable), number of valid targets and of top-1 hits among them.
+
+    hits_n: per target (flattened in the inputs' order), whether it is a counted top-1 hit: the
+    per-position correctness a chained acceptance needs (`mtp_plugin.core.loss.depth_count_rows`).
+    """
 
     loss_sum: torch.Tensor
     num_tokens: torch.Tensor
     num_correct: torch.Tensor
+    hits_n: torch.Tensor | None = None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -159,7 +164,7 @@ def linear_cross_entropy_plain(
         lse_n = torch.log(sumexp_n) + max_n
     loss_n = (lse_n - target_logit_n) * m_n
     correct_n = _top1_hits(target_logit_n.detach(), max_n, earlier_n.detach(), m_n)
-    return CrossEntropyStats(loss_n.sum(), m_n.sum(), correct_n.sum())
+    return CrossEntropyStats(loss_n.sum(), m_n.sum(), correct_n.sum(), correct_n)
 
 
 def _accumulate_head_grads(dlogits_cv, h_ch, w_vh, grad_h_nh, grad_w_vh, start, stop) -> None:
@@ -199,7 +204,7 @@ def _fused_chunk(fused, logits_cv, t_c, mask_c, vocab_start, tp_group):
     lse_c = torch.log(sumexp_c) + max_c
     weight_c = mask_c.float()
     loss_c = ((lse_c - target_logit_c) * weight_c).sum()
-    correct_c = _top1_hits(target_logit_c, max_c, earlier_c, mask_c).sum()
+    correct_c = _top1_hits(target_logit_c, max_c, earlier_c, mask_c)
     onehot_col_c = torch.where(in_shard_c, local_t_c, -1)
     return loss_c, correct_c, fused.softmax_grad_(logits_cv, lse_c, weight_c, onehot_col_c)
 
@@ -241,7 +246,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             else None
         )
         loss_sum = torch.zeros((), dtype=cdtype, device=h_nh.device)
-        num_correct = torch.zeros((), dtype=torch.long, device=h_nh.device)
+        hits_n = torch.zeros(h_nh.shape[0], dtype=torch.bool, device=h_nh.device)
         for start in range(0, h_nh.shape[0], chunk_tokens):
             stop = min(start + chunk_tokens, h_nh.shape[0])
             h_ch = h_nh[start:stop]
@@ -250,7 +255,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     fused, h_ch @ w_vh.t(), t_n[start:stop], m_n[start:stop], vocab_start, tp_group
                 )
                 loss_sum += loss_c
-                num_correct += correct_c
+                hits_n[start:stop] = correct_c
                 if needs_grad:
                     _accumulate_head_grads(dlogits_cv, h_ch, w_vh, grad_h_nh, grad_w_vh, start, stop)
                 # Free this chunk's [chunk x vocab] block before the next chunk's GEMM allocates its own.
@@ -271,7 +276,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             sumexp_c, target_logit_c, earlier_c = _all_reduce(partial_3c, dist.ReduceOp.SUM, tp_group)
             mask_c = m_n[start:stop]
             loss_sum += ((torch.log(sumexp_c) + max_c - target_logit_c) * mask_c).sum()
-            num_correct += _top1_hits(target_logit_c, max_c, earlier_c, mask_c).sum()
+            hits_n[start:stop] = _top1_hits(target_logit_c, max_c, earlier_c, mask_c)
             if needs_grad:
                 # d(sum CE)/d logits = softmax - onehot(target), zero on masked rows.
                 dlogits_cv = exp_cv.div_(sumexp_c[:, None])
@@ -287,11 +292,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         ctx.has_grads = (grad_h_nh is not None, grad_w_vh is not None)
         ctx.weight_dtype = weight_vh.dtype
         num_tokens = m_n.sum()
-        ctx.mark_non_differentiable(num_tokens, num_correct)
-        return loss_sum, num_tokens, num_correct
+        num_correct = hits_n.sum()
+        ctx.mark_non_differentiable(num_tokens, num_correct, hits_n)
+        return loss_sum, num_tokens, num_correct, hits_n
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_num_tokens, _grad_num_correct):
+    def backward(ctx, grad_loss, _grad_num_tokens, _grad_num_correct, _grad_hits):
         grad_h_nh, grad_w_vh = ctx.saved_tensors
         has_h, has_w = ctx.has_grads
         grad_h = grad_h_nh * grad_loss.to(grad_h_nh.dtype) if has_h else None
@@ -325,7 +331,7 @@ def linear_cross_entropy(
     fused = _fused_kernels(kernel, hidden.device)
     h_nh, t_n, m_n = _flatten(hidden, targets, mask)
     _check_targets(t_n, m_n, _num_vocab(weight_vh, tp_group))
-    loss_sum, num_tokens, num_correct = _ChunkedLinearCrossEntropy.apply(
+    loss_sum, num_tokens, num_correct, hits_n = _ChunkedLinearCrossEntropy.apply(
         h_nh, weight_vh, t_n, m_n, chunk_tokens, vocab_start, tp_group, fused
     )
-    return CrossEntropyStats(loss_sum, num_tokens, num_correct)
+    return CrossEntropyStats(loss_sum, num_tokens, num_correct, hits_n)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mtp_plugin.core.cross_entropy import DEFAULT_LOSS_CHUNK_TOKENS, linear_cross_entropy
+from mtp_plugin.core.cross_entropy import DEFAULT_LOSS_CHUNK_TOKENS, CrossEntropyStats, linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,33 @@ def default_depth_weights(num_depths: int) -> tuple[float, ...]:
     if num_depths < 1:
         raise ValueError(f"default_depth_weights({num_depths}) {_NO_DEPTHS}")
     return (1.0 / num_depths,) * num_depths
+
+
+def depth_count_rows(stats: Sequence[CrossEntropyStats]) -> torch.Tensor:
+    """Per depth k: (valid targets, top-1 hits, chain hits) as a float32 [D, 3] tensor, detached.
+
+    A chain hit of depth k is a position where depths 1..k are all right (and valid): the product over
+    depths per position, not the product of the per-depth rates, which would assume the depths err
+    independently. Σ_k chain_k / N_1 is the teacher-forced expected number of drafted tokens a
+    speculative decoder accepts at a position (`chain_accept_length`). Needs every depth's `hits_n` in
+    one layout (the same positions in the same order, as `depth_targets` aligns them).
+    """
+    rows, chain_n = [], None
+    for s in stats:
+        if s.hits_n is None:
+            raise ValueError("depth_count_rows needs per-position hits (CrossEntropyStats.hits_n)")
+        chain_n = s.hits_n if chain_n is None else chain_n & s.hits_n
+        rows.append(torch.stack([s.num_tokens, s.num_correct, chain_n.sum()]).to(torch.float32))
+    return torch.stack(rows).detach()
+
+
+def chain_accept_length(chain_hits: Sequence[float], depth1_tokens: float) -> float:
+    """Expected accepted draft tokens per position: Σ_k (positions with depths 1..k all right) / N_1.
+
+    Positions whose deeper targets fall outside the window count those depths as rejected, so on short
+    windows this is a slight underestimate.
+    """
+    return float(sum(chain_hits)) / max(float(depth1_tokens), 1.0)
 
 
 def weighted_depth_loss(

@@ -34,7 +34,14 @@ import torch
 from torch import nn
 
 from mtp_plugin.config import ModelConfig, MTPConfig
-from mtp_plugin.core import MTPDepth, depth_targets, linear_cross_entropy, shift_left, weighted_depth_loss
+from mtp_plugin.core import (
+    MTPDepth,
+    depth_count_rows,
+    depth_targets,
+    linear_cross_entropy,
+    shift_left,
+    weighted_depth_loss,
+)
 from mtp_plugin.deepspeed.layers import NORM_EPS, MoEMLP, MoESettings, TransformerBlockOnly, TransformerLayer
 
 EMBED_KEY = "embed"
@@ -208,9 +215,7 @@ class MTPLoss:
                 depth_weights=self.depth_weights,
             )
             depth_sums = torch.stack([s.loss_sum.detach() for s in stats])
-            depth_counts = torch.stack(
-                [torch.stack([s.num_tokens.detach(), s.num_correct.detach()]) for s in stats]
-            ).to(torch.float64)
+            depth_counts = depth_count_rows(stats).to(torch.float64)
         if torch.is_grad_enabled():
             rows = hiddens[0].numel() // hiddens[0].shape[-1]
             self.scored_tokens = (
@@ -244,6 +249,16 @@ def check_supported(
         )
     if mtp.enabled:
         mtp.check_sequence_length(model.seq_length)
+    if mtp.trunk_gradients != "joint" or (mtp.enabled and not mtp.trains_depths):
+        what = (
+            f"mtp.trunk_gradients={mtp.trunk_gradients}"
+            if mtp.trunk_gradients != "joint"
+            else "a constant λ of 0 with MTP depths (leaving them as they are)"
+        )
+        raise ValueError(
+            f"{what} is not supported by backend=deepspeed (its engine trains and decays every parameter); "
+            "use backend=megatron"
+        )
     parts = stage_boundaries(model, mtp, num_stages)
     if model.is_moe and zero_stage >= 1 and num_stages > 1:
         # Which layer indices are MoE: trunk layer i is spec 1 + i; depth k's block is spec L + 2 + 2k - 1.

@@ -28,6 +28,7 @@ import warnings
 from typing import Any
 
 from mtp_plugin.config import LambdaScheduleConfig, MTPConfig
+from mtp_plugin.config.mtp import TRUNK_GRADIENTS
 from mtp_plugin.core.cross_entropy import DEFAULT_LOSS_CHUNK_TOKENS
 from mtp_plugin.core.schedules import SCHEDULE_KINDS
 
@@ -91,6 +92,14 @@ def add_mtp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         f"logits are kept for backward (default {DEFAULT_LOSS_CHUNK_TOKENS}; 0: full logits per depth).",
     )
     group.add_argument(
+        "--mtp-plugin-trunk-gradients",
+        choices=TRUNK_GRADIENTS,
+        default="joint",
+        help="What the depth losses train: joint (depths, trunk, embedding, head), detached (the depths "
+        "only, as --mtp-detach-heads on core_v0.19), frozen (only the depths train at all; the trunk runs "
+        "forward only; needs --pretrained-checkpoint or --load).",
+    )
+    group.add_argument(
         "--mtp-plugin-mask-across-eod",
         action="store_true",
         help="Do not score a depth-k target that lies in the next document.",
@@ -148,7 +157,18 @@ def mtp_config_from_args(args: argparse.Namespace) -> MTPConfig:
         depth_weights=list(args.mtp_plugin_depth_weights),
         loss_chunk_tokens=args.mtp_plugin_chunk_tokens,
         mask_across_eod=args.mtp_plugin_mask_across_eod,
+        trunk_gradients=_trunk_gradients(args),
     )
+
+
+def _trunk_gradients(args: argparse.Namespace) -> str:
+    mode = getattr(args, "mtp_plugin_trunk_gradients", "joint")
+    if mode == "frozen" and not (getattr(args, "load", None) or getattr(args, "pretrained_checkpoint", None)):
+        raise ValueError(
+            "--mtp-plugin-trunk-gradients frozen trains the depths on a trained trunk; give it with "
+            "--pretrained-checkpoint DIR (or --load DIR)"
+        )
+    return mode
 
 
 def _eod_id(mtp: MTPConfig) -> int | None:
@@ -164,7 +184,12 @@ def to_mtp_model(model, mtp: MTPConfig):
     from mtp_plugin.megatron.model import MTPGPTModel
 
     model = MTPGPTModel.from_gpt_model(
-        model, loss_chunk_tokens=mtp.loss_chunk_tokens, loss_kernel=mtp.loss_kernel, eod_id=_eod_id(mtp)
+        model,
+        loss_chunk_tokens=mtp.loss_chunk_tokens,
+        loss_kernel=mtp.loss_kernel,
+        eod_id=_eod_id(mtp),
+        trunk_gradients=mtp.trunk_gradients,
+        train_depths=mtp.trains_depths,
     )
     model.mtp_config = mtp
     return model

@@ -12,9 +12,9 @@ as MTP layers: the trunk's final norm sits on the stage of its last layer, a lay
 builds and communicates the (1 + D)-times longer hidden states, and the MTP stage gets its embedding
 copy and joins the embedding group whose gradients `finalize_model_grads` sums every step.
 
-Post-process output (when labels are given): `(main_loss_bs, depth_loss_sums_d, depth_counts_d2)` with the
+Post-process output (when labels are given): `(main_loss_bs, depth_loss_sums_d, depth_counts_d3)` with the
 per-token main loss [b, s] (unmasked, as GPTModel returns it), each depth's summed CE over its valid
-targets (differentiable) and, per depth, (valid targets, top-1 hits). See `mtp_plugin.megatron.step`.
+targets (differentiable) and, per depth, (valid targets, top-1 hits, chain hits: depths 1..k all right). See `mtp_plugin.megatron.step`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,14 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
 
 from mtp_plugin.config import ModelConfig, MTPConfig
-from mtp_plugin.core import MTPDepth, MTPStack, depth_targets, linear_cross_entropy, shift_left
+from mtp_plugin.core import (
+    MTPDepth,
+    MTPStack,
+    depth_count_rows,
+    depth_targets,
+    linear_cross_entropy,
+    shift_left,
+)
 from mtp_plugin.megatron.compat import ensure_mla_without_te, ensure_moe_router_without_te
 from mtp_plugin.megatron.mla import with_local_mla_attention
 
@@ -202,6 +209,8 @@ class MTPGPTModel(GPTModel):
         loss_chunk_tokens: int = 0,
         loss_kernel: str = "auto",
         eod_id: int | None = None,
+        trunk_gradients: str = "joint",
+        train_depths: bool = True,
         pre_process: bool = True,
         post_process: bool = True,
         share_embeddings_and_output_weights: bool = False,
@@ -238,7 +247,12 @@ class MTPGPTModel(GPTModel):
             **gpt_kwargs,
         )
         self._adopt_mtp(
-            loss_chunk_tokens=loss_chunk_tokens, loss_kernel=loss_kernel, eod_id=eod_id, mtp_stage=mtp_stage
+            loss_chunk_tokens=loss_chunk_tokens,
+            loss_kernel=loss_kernel,
+            eod_id=eod_id,
+            mtp_stage=mtp_stage,
+            trunk_gradients=trunk_gradients,
+            train_depths=train_depths,
         )
 
     @classmethod
@@ -249,31 +263,56 @@ class MTPGPTModel(GPTModel):
         loss_chunk_tokens: int = 0,
         loss_kernel: str = "auto",
         eod_id: int | None = None,
+        trunk_gradients: str = "joint",
+        train_depths: bool = True,
     ) -> MTPGPTModel:
         """Turn a GPTModel stage built with Megatron's MTP block spec into the plugin's model, in place.
 
         Nothing is rebuilt: parameters, their initial values and their order are the builder's; only the
-        MTP forward and loss become the plugin's.
+        MTP forward and loss become the plugin's. A host config with 0.19's `mtp_detach_heads` set means
+        `trunk_gradients="detached"`.
         """
         if type(model) is not GPTModel:
             raise TypeError(
                 f"expected a megatron.core GPTModel stage, got {type(model).__name__}; the plugin adds MTP to "
                 "Megatron's GPTModel only"
             )
+        if getattr(model.config, "mtp_detach_heads", False) and trunk_gradients != "detached":
+            if trunk_gradients != "joint":
+                raise ValueError(
+                    f"--mtp-detach-heads asks for detached depths and the plugin for trunk_gradients="
+                    f"{trunk_gradients}; give one of them"
+                )
+            trunk_gradients = "detached"
         model.__class__ = cls
         model._adopt_mtp(
             loss_chunk_tokens=loss_chunk_tokens,
             loss_kernel=loss_kernel,
             eod_id=eod_id,
             mtp_stage=_mtp_stage_of(model.config),
+            trunk_gradients=trunk_gradients,
+            train_depths=train_depths,
         )
         return model
 
     def _adopt_mtp(
-        self, *, loss_chunk_tokens: int, loss_kernel: str, eod_id: int | None, mtp_stage: int
+        self,
+        *,
+        loss_chunk_tokens: int,
+        loss_kernel: str,
+        eod_id: int | None,
+        mtp_stage: int,
+        trunk_gradients: str,
+        train_depths: bool,
     ) -> None:
+        from mtp_plugin.config.mtp import TRUNK_GRADIENTS
+
         config = self.config
+        if trunk_gradients not in TRUNK_GRADIENTS:
+            raise ValueError(f"trunk_gradients={trunk_gradients!r} is unknown; use one of {TRUNK_GRADIENTS}")
         self.num_mtp_depths = config.mtp_num_layers or 0
+        self.trunk_gradients = trunk_gradients
+        self.train_depths = train_depths and bool(self.num_mtp_depths)
         self.loss_chunk_tokens = loss_chunk_tokens
         self.loss_kernel = loss_kernel
         self.eod_id = eod_id
@@ -302,6 +341,18 @@ class MTPGPTModel(GPTModel):
                 # too; Megatron's sharded_state_dict then refuses to save it (it asserts the key is absent
                 # on an MTP stage). Dropped, as GPTModel skips it on stage 0.
                 self.output_layer.weight = None
+        self._freeze(trunk=trunk_gradients == "frozen", depths=not self.train_depths)
+
+    def _freeze(self, *, trunk: bool, depths: bool) -> None:
+        """requires_grad off for what gets no gradient, so Megatron's DDP gives it no gradient buffer and
+        its optimizer leaves it out: weight decay never moves a parameter that has nothing to learn."""
+        if trunk and self.pp_group.size() > 1:
+            raise ValueError(
+                "trunk_gradients='frozen' needs pipeline size 1: earlier stages would have nothing to train"
+            )
+        for name, param in self.named_parameters():
+            if depths if name.startswith("mtp_stack.") else trunk:
+                param.requires_grad_(False)
 
     def _depth_from_native(self, layer) -> MTPDepth:
         # 0.19 names the inner layer `mtp_model_layer`; 0.16 - 0.18 `transformer_layer`.
@@ -337,20 +388,22 @@ class MTPGPTModel(GPTModel):
     ):
         depth_hidden: list[torch.Tensor] = []
         if self.mtp_process:
-            depth_hidden = self.mtp_stack(
-                hidden_states,
-                input_ids,
-                lambda ids_bs, k: self.embedding(
-                    input_ids=ids_bs,
-                    position_ids=None if position_ids is None else shift_left(position_ids, k),
-                ),
-                attention_mask=attention_mask,
-                rotary_pos_emb=rotary_pos_emb,
-                rotary_pos_cos=rotary_pos_cos,
-                rotary_pos_sin=rotary_pos_sin,
-                packed_seq_params=packed_seq_params,
-                sequence_len_offset=sequence_len_offset,
-            )
+            # detached / frozen (Megatron-Core 0.19's mtp_detach_heads, multi_token_prediction.py): the
+            # depths see the trunk's state and the embeddings as constants; the head is detached in
+            # _depth_losses. Depths that never train run without a graph: scored for the log only.
+            detach = self.trunk_gradients != "joint" or not self.train_depths
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_depths):
+                depth_hidden = self.mtp_stack(
+                    hidden_states.detach() if detach else hidden_states,
+                    input_ids,
+                    lambda ids_bs, k: self._depth_embedding(ids_bs, position_ids, k, detach),
+                    attention_mask=attention_mask,
+                    rotary_pos_emb=rotary_pos_emb,
+                    rotary_pos_cos=rotary_pos_cos,
+                    rotary_pos_sin=rotary_pos_sin,
+                    packed_seq_params=packed_seq_params,
+                    sequence_len_offset=sequence_len_offset,
+                )
             if not self.post_process:
                 # Later stages receive [h^0; h^1; ...; h^D] along the sequence dim (Megatron's convention).
                 return make_viewless_tensor(torch.cat([hidden_states, *depth_hidden], dim=0), True, True)
@@ -377,10 +430,18 @@ class MTPGPTModel(GPTModel):
         sums, counts = self._depth_losses(depth_hidden, head_weight, input_ids, labels, loss_mask)
         return main_loss_bs, sums, counts
 
+    def _depth_embedding(self, ids_bs, position_ids, k: int, detach: bool) -> torch.Tensor:
+        emb = self.embedding(
+            input_ids=ids_bs, position_ids=None if position_ids is None else shift_left(position_ids, k)
+        )
+        return emb.detach() if detach else emb
+
     def _depth_losses(self, depth_hidden, head_weight, input_ids, labels, loss_mask):
+        if self.trunk_gradients != "joint":
+            head_weight = head_weight.detach()
         tp_group = self.pg_collection.tp
         tp_size = tp_group.size()
-        loss_sums, counts = [], []
+        loss_sums, stats_d = [], []
         for k, hidden_sbh in enumerate(depth_hidden, start=1):
             targets = depth_targets(input_ids, labels, loss_mask, k, eod_id=self.eod_id)
             # The same input-side communication a ColumnParallelLinear head does.
@@ -401,8 +462,8 @@ class MTPGPTModel(GPTModel):
                 kernel=self.loss_kernel,
             )
             loss_sums.append(stats.loss_sum)
-            counts.append(torch.stack([stats.num_tokens, stats.num_correct]).to(torch.float32))
-        return torch.stack(loss_sums).float(), torch.stack(counts)
+            stats_d.append(stats)
+        return torch.stack(loss_sums).float(), depth_count_rows(stats_d)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Megatron's, with the MTP stack's Megatron submodules (TP/EP-sharded) sharded by their own rules."""
@@ -458,6 +519,8 @@ def build_mtp_gpt_model(
         loss_chunk_tokens=mtp_cfg.loss_chunk_tokens,
         loss_kernel=mtp_cfg.loss_kernel,
         eod_id=eod_id if mtp_cfg.mask_across_eod else None,
+        trunk_gradients=mtp_cfg.trunk_gradients,
+        train_depths=mtp_cfg.trains_depths,
         pre_process=pre_process,
         post_process=post_process,
         share_embeddings_and_output_weights=not model_cfg.untie_embeddings_and_output_weights,

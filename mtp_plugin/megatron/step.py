@@ -31,15 +31,20 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from mtp_plugin.core import depth_targets, weighted_depth_loss
+from mtp_plugin.core import chain_accept_length, depth_targets, weighted_depth_loss
+
+# The teacher-forced expected number of drafted tokens accepted per position (MTPMetrics docstring).
+CHAIN_ACCEPT_LENGTH = "mtp chain accept length"
 
 
 class MTPMetrics:
     """Token-weighted per-depth sums for one logging window; owned by the caller, never process-global.
 
     The sums stay on the device the losses live on (one small vector: main loss sum, main targets, then per
-    depth the loss sums, valid targets and top-1 hits), so updating them per micro-batch never waits for
-    the GPU; reading a field or reducing copies the vector to the host once.
+    depth the loss sums, valid targets, top-1 hits and chain hits), so updating them per micro-batch never
+    waits for the GPU; reading a field or reducing copies the vector to the host once. Chain hits of depth
+    k count positions where depths 1..k are all right (`mtp_plugin.core.depth_count_rows`); they give
+    `mtp chain accept length`.
     """
 
     def __init__(self, num_depths: int) -> None:
@@ -52,7 +57,7 @@ class MTPMetrics:
 
     def _add(self, vector: torch.Tensor) -> None:
         if self._totals is None:
-            self._totals = torch.zeros(2 + 3 * self.num_depths, dtype=torch.float64, device=vector.device)
+            self._totals = torch.zeros(2 + 4 * self.num_depths, dtype=torch.float64, device=vector.device)
         self._totals += vector.to(self._totals.device, torch.float64)
 
     def update(
@@ -64,11 +69,11 @@ class MTPMetrics:
         ]
         if self.num_depths:
             if depth_sums is None:
-                zeros = torch.zeros(3 * self.num_depths, dtype=torch.float64, device=parts[0].device)
+                zeros = torch.zeros(4 * self.num_depths, dtype=torch.float64, device=parts[0].device)
                 parts.append(zeros)
             else:
                 counts = depth_counts.detach().double()
-                parts += [depth_sums.detach().double(), counts[:, 0], counts[:, 1]]
+                parts += [depth_sums.detach().double(), counts[:, 0], counts[:, 1], counts[:, 2]]
         self._add(torch.cat([p.to(parts[0].device) for p in parts]))
 
     def merge(self, other: MTPMetrics) -> None:
@@ -78,7 +83,7 @@ class MTPMetrics:
 
     def as_tensor(self) -> torch.Tensor:
         if self._totals is None:
-            return torch.zeros(2 + 3 * self.num_depths, dtype=torch.float64)
+            return torch.zeros(2 + 4 * self.num_depths, dtype=torch.float64)
         return self._totals.detach().to("cpu", copy=True)
 
     def _field(self, start: int, count: int | None = None):
@@ -105,6 +110,10 @@ class MTPMetrics:
     def depth_num_correct(self) -> list[float]:
         return self._field(2 + 2 * self.num_depths, self.num_depths)
 
+    @property
+    def depth_chain_hits(self) -> list[float]:
+        return self._field(2 + 3 * self.num_depths, self.num_depths)
+
     def reduce(self, group=None) -> dict[str, float]:
         """Sum over `group` (data-parallel ranks, and the last pipeline stage's peers) and average per token.
 
@@ -123,6 +132,10 @@ class MTPMetrics:
         for k in range(d):
             out[f"mtp_{k + 1} loss"] = sums[k].item() / max(ns[k].item(), 1.0)
             out[f"mtp_{k + 1} acceptance"] = correct[k].item() / max(ns[k].item(), 1.0)
+        if d:
+            out[CHAIN_ACCEPT_LENGTH] = chain_accept_length(
+                totals[2 + 3 * d : 2 + 4 * d].tolist(), ns[0].item()
+            )
         return out
 
 
@@ -232,6 +245,7 @@ def mtp_loss_func(
         for k in range(num_depths):
             report[f"mtp_{k + 1} loss"] = torch.stack([depth_sums[k].detach(), depth_counts[k, 0]])
             report[f"mtp_{k + 1} acceptance"] = torch.stack([depth_counts[k, 1], depth_counts[k, 0]])
+        report[CHAIN_ACCEPT_LENGTH] = torch.stack([depth_counts[:, 2].sum(), depth_counts[0, 0]])
     if metrics is not None:
         metrics.update(
             main_sum.detach(), num_tokens, None if depth_sums is None else depth_sums.detach(), depth_counts

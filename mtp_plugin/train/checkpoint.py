@@ -309,19 +309,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
-def _sharded_state(model, optimizer, *, is_loading: bool, common: dict[str, Any]) -> dict[str, Any]:
+def _sharded_metadata() -> dict[str, Any]:
+    """What Megatron-LM's checkpointing passes (_build_sharded_state_dict_metadata): the group over which
+    replicated tensors are deduplicated, and the current (prefix-free) chained-optimizer key format."""
     from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    rank = torch.distributed.get_rank()
-    world = torch.distributed.get_world_size()
-    # What Megatron-LM's checkpointing passes (_build_sharded_state_dict_metadata): the group over which
-    # replicated tensors are deduplicated, and the current (prefix-free) chained-optimizer key format.
-    metadata = {
+    return {
         "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True),
         "singleton_local_shards": False,
         "chained_optim_avoid_prefix": True,
     }
+
+
+def _sharded_state(model, optimizer, *, is_loading: bool, common: dict[str, Any]) -> dict[str, Any]:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    metadata = _sharded_metadata()
     if getattr(optimizer.config, "use_distributed_optimizer", False):
         metadata["distrib_optim_sharding_type"] = "fully_sharded_model_space"
     model_sd = model.sharded_state_dict(metadata=metadata)
@@ -568,3 +573,32 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer, load_rng: bool
     if load_rng:
         set_rng_state(state["rng"])
     return {k: v for k, v in common_keys.items() if k not in ("model", "optimizer", "rng")}
+
+
+def finished_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint `path` names: a save_dir (its `latest`) or one finished iter_* directory."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        return latest_checkpoint(path)
+    if (path / "metadata.json").is_file():
+        return path
+    raise FileNotFoundError(
+        f"{path} is no checkpoint of this app (neither a save_dir holding `{LATEST}` nor an iter_* directory "
+        "with metadata.json); point it at a trained run's checkpoints"
+    )
+
+
+def stored_run_config(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The run_config.json a checkpoint was written with (None before they were stored)."""
+    stored = Path(path) / RUN_CONFIG
+    return json.loads(stored.read_text()) if stored.is_file() else None
+
+
+def load_model_weights(path: str | os.PathLike, *, model) -> None:
+    """Only the model's weights from checkpoint `path` (resharded to this run's layout); the optimizer,
+    RNG and data position stay this run's own: a run that starts from a trained model."""
+    from megatron.core import dist_checkpointing
+
+    template = {"model": model.sharded_state_dict(metadata=_sharded_metadata())}
+    state = dist_checkpointing.load(template, str(path))
+    model.load_state_dict(state["model"])

@@ -439,6 +439,13 @@ def check_checkpoint_dirs(training, run_dir: str | os.PathLike | None = None) ->
                     f"name of an existing iter_* directory into it, or remove it to start fresh"
                 )
             check_checkpoint(load / name, pointer)
+    if tr.pretrained_checkpoint:
+        from mtp_plugin.train.checkpoint import finished_checkpoint
+
+        try:
+            finished_checkpoint(tr.pretrained_checkpoint)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"training.pretrained_checkpoint: {err}") from None
     for field in ("save_dir", "tensorboard_dir"):
         if getattr(tr, field):
             check_writable(f"training.{field}", getattr(tr, field))

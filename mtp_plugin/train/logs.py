@@ -35,6 +35,8 @@ def metric_names(num_depths: int) -> list[str]:
     names = ["lm loss"]
     for k in range(1, num_depths + 1):
         names += [f"mtp_{k} loss", f"mtp_{k} acceptance"]
+    if num_depths:
+        names.append("mtp chain accept length")
     return names
 
 

@@ -319,6 +319,9 @@ class Trainer:
         """Before any model exists: the checkpoint to resume from; one of another model, MTP or data
         setup is refused in one line."""
         self.resume_from = ckpt.latest_checkpoint(self.cfg.training.load_dir)
+        self.start_from = None
+        if self.resume_from is None:
+            self.start_from = self._find_pretrained()
         if self.resume_from is not None:
             try:  # the app checked it at launch; a Trainer built directly is held to the same rule
                 ckpt.check_file_sizes(self.resume_from)
@@ -332,6 +335,36 @@ class Trainer:
                     + " (checkpoint vs this run); resume with the checkpoint's values, or point "
                     "training.load_dir elsewhere (null starts fresh)"
                 )
+
+    def _find_pretrained(self) -> Path | None:
+        """training.pretrained_checkpoint when there is nothing to resume: its model must be this run's."""
+        cfg = self.cfg
+        if not cfg.training.pretrained_checkpoint:
+            if cfg.mtp.trunk_gradients == "frozen":
+                raise ResumeMismatchError(
+                    f"error: mtp.trunk_gradients=frozen needs a trained trunk to start from and "
+                    f"training.load_dir={cfg.training.load_dir} holds no checkpoint; set "
+                    "training.pretrained_checkpoint=DIR"
+                )
+            return None
+        try:
+            path = ckpt.finished_checkpoint(cfg.training.pretrained_checkpoint)
+        except FileNotFoundError as err:
+            raise ResumeMismatchError(f"error: training.pretrained_checkpoint: {err}") from None
+        stored = ckpt.stored_run_config(path) or {}
+        current = ckpt.run_config(cfg)
+        differences = ckpt.run_config_differences(
+            path, {"model": current["model"], "mtp": {"num_depths": cfg.mtp.num_depths}}
+        )
+        # Only the model and the number of depths bind the weights; λ, data and the rest may change.
+        differences = [d for d in differences if d.startswith(("model.", "mtp.num_depths="))]
+        if stored and differences:
+            raise ResumeMismatchError(
+                f"error: training.pretrained_checkpoint {path} holds another model: "
+                + "; ".join(differences)
+                + " (checkpoint vs this run); use the checkpoint's model settings"
+            )
+        return path
 
     def _broadcast_output_dirs(self) -> None:
         # Each torchrun rank composed its own config; time-stamped Hydra directories can differ by a
@@ -366,6 +399,12 @@ class Trainer:
     def _maybe_resume(self) -> None:
         path = self.resume_from
         if path is None:
+            if self.start_from is not None:
+                ckpt.load_model_weights(self.start_from, model=self.model)
+                # DDP keeps fp32 main params beside bf16 weights: the optimizer copies them from the model.
+                self.optimizer.reload_model_params()
+                if self.is_logging_rank:
+                    self._print(f" started from the weights of {self.start_from} (optimizer and data fresh)")
             return
         saved_layout = ckpt.saved_layout(path)
         # Per-rank RNG streams belong to the rank layout that drew them; under another layout (Megatron

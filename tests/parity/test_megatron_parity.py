@@ -61,7 +61,12 @@ def _randomise_expert_bias(model, seed: int) -> None:
 
 
 def _parity_worker(
-    num_depths: int, num_experts: int | None, tied: bool, chunk_tokens: int, deepseek_v3: bool
+    num_depths: int,
+    num_experts: int | None,
+    tied: bool,
+    chunk_tokens: int,
+    deepseek_v3: bool,
+    detached: bool = False,
 ):
     from megatron_cpu import TinyGPT, forward_backward, make_microbatches, plugin_forward_backward
 
@@ -86,6 +91,12 @@ def _parity_worker(
         depth = plugin.mtp_stack.depths[0].block.layer
         assert type(depth.self_attention).__name__ == "MLASelfAttention"
         assert depth.mlp.router.score_function == "sigmoid" and depth.mlp.router.expert_bias is not None
+    elif detached:
+        from megatron_cpu import build_tiny_gpt, build_tiny_plugin_gpt
+
+        native = build_tiny_gpt(shape, mtp_detach_heads=True)
+        plugin = build_tiny_plugin_gpt(shape, loss_chunk_tokens=chunk_tokens, trunk_gradients="detached")
+        load_native_weights(plugin, native.state_dict())
     else:
         native, plugin = _native_and_plugin(shape, chunk_tokens=chunk_tokens)
     batches = make_microbatches(shape, NUM_MICROBATCHES, 2, seed=7, mask_tail=2)
@@ -129,7 +140,24 @@ def test_mla_sigmoid_trunk_matches_native_mtp(num_depths, num_experts, tied, chu
     _check_parity(num_depths, num_experts, tied, chunk_tokens, deepseek_v3=True)
 
 
-def _check_parity(num_depths, num_experts, tied, chunk_tokens, *, deepseek_v3):
+DETACHED_CASES = [
+    pytest.param(2, None, True, 0, id="dense-D2-tied"),
+    pytest.param(2, 4, False, 7, id="moe-D2-untied-chunked"),
+]
+
+
+@pytest.mark.parametrize(("num_depths", "num_experts", "tied", "chunk_tokens"), DETACHED_CASES)
+def test_detached_depths_match_native_mtp_detach_heads(num_depths, num_experts, tied, chunk_tokens):
+    """mtp.trunk_gradients=detached == Megatron-Core 0.19's mtp_detach_heads: the trunk, embedding and head
+    get the main loss's gradient only; the depths theirs."""
+    from packaging.version import Version
+
+    if _megatron_version() < Version("0.19"):
+        pytest.skip(f"mtp_detach_heads arrived in megatron-core 0.19; this is {_megatron_version()}")
+    _check_parity(num_depths, num_experts, tied, chunk_tokens, deepseek_v3=False, detached=True)
+
+
+def _check_parity(num_depths, num_experts, tied, chunk_tokens, *, deepseek_v3, detached=False):
     (out,) = run_distributed(
         _parity_worker,
         1,
@@ -138,6 +166,7 @@ def _check_parity(num_depths, num_experts, tied, chunk_tokens, *, deepseek_v3):
         tied,
         chunk_tokens,
         deepseek_v3,
+        detached,
         parallel=dict(),
         timeout=180,
     )

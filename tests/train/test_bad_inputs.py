@@ -317,6 +317,25 @@ CASES = [
     ("foreign-metadata-json", ["training.load_dir={tmp}/old_run"], _foreign_metadata, "no sharded_backend"),
     ("checkpoint-without-common", ["training.load_dir={tmp}/old_run"], _no_common, "common.pt is missing"),
     (
+        "frozen-trunk-without-checkpoint",
+        ["mtp.trunk_gradients=frozen", "training.load_dir=null"],
+        None,
+        "set training.pretrained_checkpoint=DIR",
+    ),
+    (
+        "pretrained-checkpoint-missing",
+        ["training.pretrained_checkpoint={tmp}/trained"],
+        None,
+        "training.pretrained_checkpoint: ",
+    ),
+    ("unknown-trunk-gradients", ["mtp.trunk_gradients=partly"], None, "use one of joint, detached, frozen"),
+    (
+        "frozen-with-zero-lambda",
+        ["mtp.trunk_gradients=frozen", "mtp.lambda_schedule.value=0"],
+        None,
+        "nothing would train",
+    ),
+    (
         "unwritable-save-dir",
         ["training.save_dir=/proc/mtp_ckpt", "training.load_dir=null"],
         None,

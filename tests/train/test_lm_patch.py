@@ -138,6 +138,18 @@ def _builder_worker(untied: bool) -> dict:
     }
 
 
+def test_trunk_gradients_flag_and_frozen_needs_a_checkpoint():
+    assert mtp_config_from_args(_parse()).trunk_gradients == "joint"
+    assert (
+        mtp_config_from_args(_parse("--mtp-plugin-trunk-gradients", "detached")).trunk_gradients == "detached"
+    )
+    with pytest.raises(ValueError, match=r"--pretrained-checkpoint DIR"):
+        mtp_config_from_args(_parse("--mtp-plugin-trunk-gradients", "frozen"))
+    args = _parse("--mtp-plugin-trunk-gradients", "frozen")
+    args.pretrained_checkpoint = "/ckpt"  # Megatron-LM's own flag
+    assert mtp_config_from_args(args).trunk_gradients == "frozen"
+
+
 @pytest.mark.megatron
 @pytest.mark.parametrize("untied", [False, True], ids=["tied", "untied"])
 def test_builder_wrapper_turns_megatrons_own_model_into_the_plugins(untied):
@@ -149,6 +161,7 @@ def test_builder_wrapper_turns_megatrons_own_model_into_the_plugins(untied):
     assert out["same_init"]  # nothing rebuilt: the builder's weights, in the builder's RNG order
     assert out["report_keys"] == [
         "lm loss",
+        "mtp chain accept length",
         "mtp_1 acceptance",
         "mtp_1 loss",
         "mtp_2 acceptance",

@@ -340,3 +340,36 @@ def test_loss_kernel_choice_on_cpu():
         linear_cross_entropy(hidden, weight, targets, mask, chunk_tokens=4, kernel="cuda")
     with pytest.raises(ValueError, match="mtp.loss_kernel='cuda' is unknown; use one of auto, torch, triton"):
         MTPConfig(loss_kernel="cuda")
+
+
+def test_chain_accept_length_is_the_per_position_product_not_the_product_of_rates():
+    """Of 6 positions, depth 1 is right at 0-3, depth 2 at 0, 1, 4, depth 3 at 0, 4: depths 1..k are all
+    right at {0-3}, {0, 1}, {0}, so the expected accepted length is (4 + 2 + 1) / 6, which the product of
+    the per-depth rates (4/6, 3/6, 2/6) does not give."""
+    from mtp_plugin.core import chain_accept_length, depth_count_rows, linear_cross_entropy
+
+    torch.manual_seed(0)
+    weight_vh = torch.randn(11, 5)
+    hidden_nh = torch.randn(6, 5)
+    top1_n = (hidden_nh @ weight_vh.t()).argmax(-1)
+    wrong_n = (top1_n + 1) % 11
+    right = [{0, 1, 2, 3}, {0, 1, 4}, {0, 4}]
+    mask_n = torch.ones(6, dtype=torch.bool)
+    for chunk in (0, 4):  # the plain and the chunked path give the same per-position hits
+        stats = [
+            linear_cross_entropy(
+                hidden_nh,
+                weight_vh,
+                torch.where(torch.tensor([i in r for i in range(6)]), top1_n, wrong_n),
+                mask_n,
+                chunk_tokens=chunk,
+            )
+            for r in right
+        ]
+        rows = depth_count_rows(stats)
+        assert rows[:, 0].tolist() == [6, 6, 6]
+        assert rows[:, 1].tolist() == [4, 3, 2]  # per-depth top-1 hits
+        assert rows[:, 2].tolist() == [4, 2, 1]  # positions where depths 1..k are all right
+        assert chain_accept_length(rows[:, 2].tolist(), rows[0, 0]) == pytest.approx(7 / 6)
+    rates = [4 / 6, 3 / 6, 2 / 6]
+    assert 4 / 6 + rates[0] * rates[1] + rates[0] * rates[1] * rates[2] != pytest.approx(7 / 6)
