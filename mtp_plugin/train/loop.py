@@ -132,6 +132,8 @@ class TrainResult:
 
     iterations: int = 0
     consumed_tokens: int = 0
+    start_iteration: int = 0  # where this run began: > 0 when it resumed from a checkpoint
+    start_tokens: int = 0
     train_history: list[dict[str, float]] = field(default_factory=list)  # one entry per iteration
     valid_history: list[dict[str, float]] = field(default_factory=list)
     rho_history: list[dict[str, float]] = field(default_factory=list)  # one entry per log interval
@@ -730,6 +732,14 @@ class Trainer:
             self._print, self.is_logging_rank, f"starting training at iteration {self.iteration} of {end}"
         )
         bar = self._progress_bar()
+        self.result.start_iteration, self.result.start_tokens = self.iteration, self.consumed_tokens
+        # Without a progress bar (output not on a terminal) the iterations before the first log line would
+        # pass in silence (a minute or more on CPU): one line per iteration until then.
+        quiet_until = (
+            min(end, (self.iteration // tr.log_interval + 1) * tr.log_interval)
+            if bar is None and self.is_logging_rank and tr.log_interval > 1
+            else self.iteration
+        )
         start = time.perf_counter()
         interval: list[dict[str, float]] = []
         interval_start = time.perf_counter()
@@ -741,7 +751,10 @@ class Trainer:
                     stop_signal = self._agreed_signal(signals)
                     if stop_signal:
                         break
+                    step_start = time.perf_counter()
                     step = self.train_step()
+                    if self.iteration < quiet_until:
+                        self._progress_line(step, time.perf_counter() - step_start, quiet_until, end)
                     if not step.get("skipped"):
                         interval.append(step)
                     if self.is_logging_rank and not step.get("skipped"):
@@ -830,6 +843,17 @@ class Trainer:
             self.result.plot_path = str(path)
             self._print(f" wrote per-depth loss curves to {path}")
         return self.result
+
+    def _progress_line(self, step: dict[str, float], seconds: float, first_log: int, end: int) -> None:
+        loss = f", lm loss {step['lm loss']:.4f}" if "lm loss" in step else ""
+        until = (
+            f"; a log line every {self.cfg.training.log_interval} iterations (training.log_interval), the first at {first_log}"
+            if self.iteration == self.result.start_iteration + 1
+            else ""
+        )
+        logs.startup(
+            self._print, True, f"iteration {self.iteration} of {end} took {seconds:.1f} s{loss}{until}"
+        )
 
     def _report_signal(self, signum: int, bar) -> None:
         name = signal.Signals(signum).name

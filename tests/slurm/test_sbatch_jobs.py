@@ -28,14 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import (
-    LocalSlurm,
-    SlurmUnavailable,
-    install_slurm,
-    job_processes,
-    make_root,
-    remove_packages,
-)
+from slurm_cluster import LocalSlurm, job_processes, make_root, slurm_missing
 from train_tiny import REPO, TINY_MODEL_OVERRIDES, write_tiny_corpus
 
 from mtp_plugin.train import logs
@@ -53,11 +46,9 @@ SHAPE = ["--nodes=2", "--ntasks-per-node=2", "--gpus-per-node=0", "--time=10"]
 
 @pytest.fixture(scope="module")
 def cluster():
-    try:
-        installed = install_slurm()
-    except SlurmUnavailable as err:
-        print(f"skipping the slurm tests: {err}")
-        pytest.skip(str(err))
+    reason = slurm_missing()
+    if reason:
+        pytest.skip(reason)
     root = make_root()
     slurm = LocalSlurm(root)
     try:
@@ -66,8 +57,6 @@ def cluster():
     finally:
         slurm.stop()
         shutil.rmtree(root, ignore_errors=True)
-        if os.environ.get("MTP_SLURM_KEEP_PACKAGES") != "1":
-            remove_packages(installed)
 
 
 @pytest.fixture(scope="module")

@@ -545,3 +545,21 @@ def test_settings_that_train_but_are_probably_not_meant_are_warned_about():
     )
     with pytest.raises(hydra_app.ConfigError, match="must be a finite λ >= 0"):
         experiment("mtp=d1", "mtp.lambda_schedule.value=-0.5")
+
+
+@pytest.mark.distributed
+def test_a_refusal_under_torchrun_is_one_line_and_one_exit_code(tmp_path):
+    """Two ranks refuse the same configuration: rank 0 prints the line once, every rank exits 2, and the
+    last line torchrun prints is that line (its summary's root cause), not a pointer to torch's docs."""
+    proc = run_app(
+        "training.train_iters=4", "training.lr_warmup_iters=10", f"hydra.run.dir={tmp_path / 'run'}", nproc=2
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]  # torchrun's own code when a worker failed
+    message = "error: training.lr_warmup_iters=10 must be below training.train_iters=4; shorten the warmup"
+    lines = proc.stderr.splitlines()
+    assert lines.count(message) == 1, proc.stderr[-3000:]
+    codes = [line.split(":")[1].split()[0] for line in lines if line.strip().startswith("exitcode")]
+    assert codes and set(codes) == {"2"}, proc.stderr[-3000:]
+    assert lines[-2] == f"  traceback : {message}" and set(lines[-1]) == {"="}, proc.stderr[-3000:]
+    assert "To enable traceback" not in proc.stderr and "Signal 15" not in proc.stderr
+    assert not (tmp_path / "run").exists()

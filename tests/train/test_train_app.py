@@ -334,6 +334,13 @@ def test_toy_experiment_trains_20_steps_and_every_depth_loss_falls(tmp_path):
     first_iteration_line = next(i for i, p in enumerate(parsed) if p)
     assert any(line.endswith("building the model ...") for line in out_lines[:first_iteration_line])
     assert any("starting training at iteration 0 of 20" in line for line in out_lines[:first_iteration_line])
+    # Output is not a terminal (no progress bar): one line per iteration until the first log line.
+    progress = [
+        re.search(r"\] iteration (\d+) of 20 took [\d.]+ s, lm loss [\d.]+(.*)$", line) for line in out_lines
+    ]
+    progress = [(int(m.group(1)), m.group(2)) for m in progress if m]
+    assert [it for it, _ in progress] == [1, 2, 3, 4], out_lines[:first_iteration_line]
+    assert progress[0][1] == "; a log line every 5 iterations (training.log_interval), the first at 5"
     log_lines = (run_dir / "train.log").read_text().splitlines()
     assert [p["iteration"] for p in map(logs.parse_log_line, log_lines) if p] == [5, 10, 10, 15, 20, 20]
     assert any("saved checkpoint" in line for line in log_lines) and "finished 20 iterations" in log_lines[-1]
@@ -363,6 +370,15 @@ def test_exit_interval_then_rerun_resumes_bit_exact(tmp_path):
     ]
     runs = train_exit_and_resume(tmp_path, args, exit_at=2)
     assert "exiting at iteration 2" in runs["exit"] and "at iteration 2" in runs["resume"]
+    # The resumed run's last line says both: where the run is and what this launch trained.
+    assert (
+        runs["resume"]
+        .splitlines()[-1]
+        .startswith(
+            " finished at iteration 4 (512 tokens in all); this run resumed at 2 and trained 2 iterations (256 tokens) in "
+        )
+    ), runs["resume"][-500:]
+    assert runs["full"].splitlines()[-1].startswith(" finished 4 iterations (512 tokens) in ")
     for key in [*logs.metric_names(2), "grad norm", "lm loss validation", "mtp_2 loss validation"]:
         want = by_step(runs["full scalars"], key)
         assert want and by_step(runs["split scalars"], key) == want, key

@@ -215,15 +215,18 @@ def test_prepare_txt_and_jsonl_then_up_to_date(tmp_path, tokenizer, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["book.txt", "notes.jsonl", "out"]  # no leftovers
 
 
-def _assert_one_line_error(argv: list[str], *needles: str) -> None:
+def _assert_one_line_error(capsys, argv: list[str], *needles: str) -> None:
+    capsys.readouterr()
     with pytest.raises(SystemExit) as err:
         main(argv)
-    message = str(err.value)
-    assert "\n" not in message and all(n in message for n in needles), message
+    out, message = capsys.readouterr()
+    assert err.value.code == 2 and out == "", (err.value.code, out)
+    assert message.startswith("error: ") and message.count("\n") == 1, message
+    assert all(n in message for n in needles), message
 
 
 @pytest.mark.megatron
-def test_errors_are_one_line_and_leave_nothing(tmp_path):
+def test_errors_are_one_line_and_leave_nothing(tmp_path, capsys):
     txt, jsonl, _ = _write_inputs(tmp_path)
     out = tmp_path / "out"
     prepare_corpus(out, [txt], valid_fraction=0.0, log=lambda _: None)
@@ -248,16 +251,79 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path):
     ]
     for target in (tmp_path / "fresh", out):  # a new directory, and one holding a previous result
         for extra, needles in cases:
-            _assert_one_line_error(["prepare", "--out", str(target), *extra], *needles)
+            _assert_one_line_error(capsys, ["prepare", "--out", str(target), *extra], *needles)
         assert not (tmp_path / "fresh").exists()
         assert _outputs(out) == good
         assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folders
 
 
-def test_refuses_foreign_out_dir(tmp_path):
+def test_refuses_foreign_out_dir(tmp_path, capsys):
     (tmp_path / "precious.txt").write_text("keep me")
-    _assert_one_line_error(["prepare", "--out", str(tmp_path), "--input", "x.txt"], str(tmp_path), "--out")
+    _assert_one_line_error(
+        capsys, ["prepare", "--out", str(tmp_path), "--input", "x.txt"], str(tmp_path), "--out"
+    )
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_bad_options_are_one_error_line(tmp_path, capsys):
+    _assert_one_line_error(
+        capsys, ["prepare", "--valid-fraction", "1.5", "--out", str(tmp_path / "o")], "[0, 1)"
+    )
+    _assert_one_line_error(capsys, ["prepare", "--valid-fraction", "0.02"], "--out", "--help")
+    _assert_one_line_error(capsys, ["shuffle"], "invalid choice", "prepare")
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_command_exits_2_with_one_error_line(tmp_path):
+    """The real process: `python -m mtp_plugin.data prepare` on a missing file, as the training app does."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "nope.txt"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtp_plugin.data",
+            "prepare",
+            "--input",
+            str(missing),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert (
+        proc.stdout == ""
+        and proc.stderr == f"error: {missing}: no such file; check the path given to --input\n"
+    )
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.megatron
+def test_a_small_corpus_is_prepared_with_warnings(tmp_path, capsys):
+    """Three short files: 2% of 3 documents rounds to none, so one is held out (said), and the train
+    split is less than one batch of the smallest shipped run (said)."""
+    inputs = []
+    for num in range(3):
+        inputs.append(tmp_path / f"part{num}.txt")
+        inputs[-1].write_text(f"Part {num}: a few words of text, far less than a batch.\n" * 3)
+    main(["prepare", "--out", str(tmp_path / "out"), "--input", *map(str, inputs)])
+    printed = capsys.readouterr().out.splitlines()
+    warnings = [line for line in printed if line.startswith("warning: ")]
+    assert len(warnings) == 2, printed
+    assert "--valid-fraction 0.02 of 3 documents is 0.06; one whole document is held out" in warnings[0]
+    train_tokens = json.loads((tmp_path / "out" / MANIFEST_NAME).read_text())["splits"]["train"]["num_tokens"]
+    assert f"the train split holds {train_tokens} tokens, less than one global batch" in warnings[1]
+    assert train_tokens < 1024
+    # A corpus that is big enough and split as asked prints no warning.
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"text": f"Document {n}. " + "word " * 60}) + "\n" for n in range(50)))
+    main(["prepare", "--out", str(tmp_path / "big"), "--input", str(big)])
+    assert "warning" not in capsys.readouterr().out
 
 
 @pytest.mark.megatron
