@@ -36,7 +36,7 @@ from slurm_cluster import (
     make_root,
     remove_packages,
 )
-from train_tiny import REPO, TINY_MODEL_OVERRIDES, write_tiny_corpus
+from train_tiny import REPO, TINY_MODEL_OVERRIDES, repo_env, write_tiny_corpus
 
 from mtp_plugin.train import logs
 
@@ -89,14 +89,12 @@ def _overrides(work: Path, *extra: str) -> list[str]:
 
 
 def _job_env(launcher: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "MTP_DEVICE": "cpu",
-        "MTP_PYTHON": sys.executable,
-        "MTP_LAUNCHER": launcher,
-    }
+    return repo_env(
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        MTP_DEVICE="cpu",
+        MTP_PYTHON=sys.executable,
+        MTP_LAUNCHER=launcher,
+    )
 
 
 def _log(work: Path, name: str, job_id: int) -> str:
