@@ -123,23 +123,29 @@ def run_trainer(cfg, stop_at: int | None = None) -> dict:
     return {"start": start, "history": result.train_history, "lines": lines}
 
 
+def repo_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child that imports the repository's `mtp_plugin` and the tests'
+    helpers: the repository first on PYTHONPATH, then whatever the caller's path holds (e.g. packages
+    installed with --target); `extra` variables on top."""
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **extra,
+    }
+
+
 def run_app(
-    *args: str, env: dict | None = None, timeout: float = 240, nproc: int = 1
+    *args: str, env: dict | None = None, timeout: float = 240, nproc: int = 1, cwd: str | Path = REPO
 ) -> subprocess.CompletedProcess:
-    """`python -m mtp_plugin.train ARGS` from the repository root, output captured; with nproc > 1
+    """`python -m mtp_plugin.train ARGS` from `cwd` (the repository root), output captured; with nproc > 1
     through torchrun (`torch.distributed.run --nproc-per-node nproc -m mtp_plugin.train ARGS`)."""
     launcher = (
         ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
     )
     return subprocess.run(
         [sys.executable, *launcher, "-m", "mtp_plugin.train", *args],
-        cwd=REPO,
-        # The repository first, then whatever the caller's path holds (e.g. packages installed with --target).
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-            **(env or {}),
-        },
+        cwd=cwd,
+        env=repo_env(**(env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,

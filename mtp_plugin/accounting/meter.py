@@ -1,9 +1,10 @@
 """Per-rank ρ bookkeeping, framework-free: FLOP tallies, bits of the scored targets, cluster log fields.
 
-DESIGN.md §3. A framework adapter (``mtp_plugin.megatron.meter.RhoMeter``) observes what a rank ran and
-feeds ``FlopTally``; at a log interval every rank packs its window into one float64 vector
-(``pack_window``), the vector is summed over all ranks with one all-reduce, and ``rho_log_fields`` turns
-the sum into log fields. Units:
+DESIGN.md §3. A framework adapter (``mtp_plugin.megatron.meter.RhoMeter``,
+``mtp_plugin.deepspeed.meter.DeepSpeedRhoMeter``) is a ``WindowMeter`` whose forward hooks observe what a
+rank ran and feed its ``FlopTally``; at a log interval ``WindowMeter.reduce`` packs every rank's window
+into one float64 vector (``pack_window``), sums the vector over all ranks with one all-reduce and turns
+the sum into log fields (``rho_log_fields``). The hooks are the only backend-specific part. Units:
 
 - F: matmul FLOPs as ``mtp_plugin.accounting.flops`` counts them (``2*m*k*n`` per matmul).
 - B_ceiling: ``log2 V`` bits per valid scored target, V the **tokenizer** vocabulary (the ``vocab_size``
@@ -16,6 +17,7 @@ the sum into log fields. Units:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -23,6 +25,7 @@ import torch
 __all__ = [
     "FLOP_CATEGORIES",
     "FlopTally",
+    "WindowMeter",
     "bits_ceiling",
     "bits_effective",
     "pack_window",
@@ -195,3 +198,91 @@ def reduce_window(
         n_active=n_active,
         peak_tflops=peak_tflops,
     )
+
+
+class WindowMeter:
+    """A rank's ρ log window: what both backends' meters share once their hooks have fed ``tally``.
+
+    num_depths: MTP depths (the ``mtp_{k}`` log fields); vocab_size: V of B_ceiling (the tokenizer's).
+    peak_tflops: per-device peak for MFU (e.g. 989 for H100 SXM dense BF16); None leaves MFU out.
+    A backend subclass registers its forward hooks (handles in ``_handles``), sets ``_n_active`` (the
+    seed's N) and, where some FLOPs are kept outside the tally, overrides ``_extra_flops``.
+    """
+
+    def __init__(self, *, num_depths: int, vocab_size: int, peak_tflops: float | None = None) -> None:
+        if peak_tflops is not None and peak_tflops <= 0:
+            raise ValueError(f"peak_tflops must be > 0 (TFLOP/s per device), got {peak_tflops}")
+        self.num_depths = int(num_depths)
+        self.vocab_size = int(vocab_size)
+        self.peak_tflops = peak_tflops
+        self.tally = FlopTally()
+        self._handles: list = []
+        self._n_active = 0.0
+        # Every tensor-parallel rank of the last stage holds the same loss sums: only one may score bits.
+        self._scores_bits = True
+        self._start = time.perf_counter()
+
+    @property
+    def n_active(self) -> float:
+        return self._n_active
+
+    def detach(self) -> None:
+        """Remove the hooks; the window's counts stay readable."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def end_step(self) -> None:
+        """Close a training step: the FLOPs observed since the last call join the log window (no sync)."""
+        self.tally.end_step()
+
+    def reset(self) -> None:
+        """Start a new log window (and its clock)."""
+        self.tally.reset()
+        self._start = time.perf_counter()
+
+    def _extra_flops(self) -> Mapping[str, float]:
+        """FLOPs by category that the backend keeps outside ``tally`` (read at window time)."""
+        return {}
+
+    def local_flops(self) -> dict[str, float]:
+        """This rank's closed-window FLOPs by category (``FLOP_CATEGORIES``), with ``total``."""
+        out = window_flops(self.tally, self._extra_flops())
+        out["total"] = sum(out.values())
+        return out
+
+    def reduce(self, group=None, *, metrics=None, elapsed_s: float | None = None) -> dict[str, float]:
+        """Sum this window over ``group`` (default: the world) with one all-reduce; return log fields.
+
+        metrics: the caller's ``MTPMetrics`` of the same window (B); None counts no bits.
+        elapsed_s: this rank's window time; default: since ``reset()``/``attach()``. Averaged over ranks.
+        Call on every rank of ``group``. The window is not reset (call ``reset()``).
+        """
+        d = self.num_depths
+        counts, sums = [0.0] * (1 + d), [0.0] * (1 + d)
+        if metrics is not None and self._scores_bits:
+            if metrics.num_depths != d:
+                raise ValueError(
+                    f"{type(self).__name__}.reduce: metrics has {metrics.num_depths} depths, the meter {d}; "
+                    "pass the MTPMetrics of the model the meter is attached to"
+                )
+            counts = [metrics.main_num_tokens, *metrics.depth_num_tokens]
+            sums = [metrics.main_loss_sum, *metrics.depth_loss_sums]
+        flops = self.local_flops()["total"]
+        elapsed = time.perf_counter() - self._start if elapsed_s is None else elapsed_s
+        vector = pack_window(
+            flops=flops,
+            tokens=float(self.tally.window_tokens),
+            elapsed_s=elapsed,
+            steps=float(self.tally.steps),
+            target_counts=counts,
+            loss_sums_nats=sums,
+        )
+        return reduce_window(
+            vector,
+            group,
+            num_depths=d,
+            vocab_size=self.vocab_size,
+            n_active=self._n_active,
+            peak_tflops=self.peak_tflops,
+        )

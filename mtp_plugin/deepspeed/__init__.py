@@ -3,7 +3,7 @@
 Attributes resolve lazily, so config checks work (and fail fast) without importing deepspeed.
 """
 
-from importlib import import_module
+from mtp_plugin._lazy import lazy_exports
 
 _EXPORTS = {
     "MTPLoss": "model",
@@ -16,10 +16,4 @@ _EXPORTS = {
     "generated_ds_config": "ds_config",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(f"mtp_plugin.deepspeed.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'mtp_plugin.deepspeed' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -7,12 +7,10 @@ Megatron meter's default), dense MLPs, the MoE router on every local token, the 
 included: it is computed), shared experts, MTP eh_proj, and every head the loss scores (read from the
 `MTPLoss`, which applies the head chunk by chunk outside any module call). A call under grad counts x3
 (forward + backward), one in eval mode is not counted. Bits come from the caller's `MTPMetrics` of the
-window; the window is summed over all ranks with one all-reduce (`pack_window` / `rho_log_fields`).
+window; the window becomes log fields as the Megatron meter's does (`mtp_plugin.accounting.meter.WindowMeter`).
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 
@@ -25,7 +23,7 @@ from mtp_plugin.accounting.flops import (
     mlp_flops,
     output_head_flops,
 )
-from mtp_plugin.accounting.meter import FlopTally, pack_window, reduce_window, window_flops
+from mtp_plugin.accounting.meter import WindowMeter
 from mtp_plugin.config import ModelConfig
 from mtp_plugin.deepspeed.layers import MoEMLP, SelfAttention, SwiGLU
 
@@ -57,17 +55,14 @@ def n_active(model: ModelConfig) -> float:
     return layers + h * model.padded_vocab_size
 
 
-class DeepSpeedRhoMeter:
+class DeepSpeedRhoMeter(WindowMeter):
     """`attach(pipe, loss)`, then per step `end_step()`, per log interval `reduce(metrics=...)`, `reset()`."""
 
     def __init__(self, model: ModelConfig, num_depths: int, *, peak_tflops: float | None = None) -> None:
+        super().__init__(num_depths=num_depths, vocab_size=model.vocab_size, peak_tflops=peak_tflops)
         self.model = model
-        self.num_depths = num_depths
-        self.peak_tflops = peak_tflops
-        self.tally = FlopTally()
-        self._handles: list = []
+        self._n_active = n_active(model)
         self._loss = None
-        self._start = time.perf_counter()
 
     def _hook(self, module: torch.nn.Module, fn) -> None:
         def hook(mod, args, output):
@@ -148,44 +143,6 @@ class DeepSpeedRhoMeter:
         self.tally.add("mtp_heads", 3 * output_head_flops(hidden_size=h, vocab_size=v, num_tokens=depths))
         self.tally.pending_tokens += main
 
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
     def end_step(self) -> None:
         self._heads()
-        self.tally.end_step()
-
-    def reset(self) -> None:
-        self.tally.reset()
-        self._start = time.perf_counter()
-
-    def local_flops(self) -> dict[str, float]:
-        out = window_flops(self.tally)
-        out["total"] = sum(out.values())
-        return out
-
-    def reduce(self, group=None, *, metrics=None, elapsed_s: float | None = None) -> dict[str, float]:
-        """Sum the window over `group` (default: the world) with one all-reduce; return the log fields."""
-        d = self.num_depths
-        counts, sums = [0.0] * (1 + d), [0.0] * (1 + d)
-        if metrics is not None:
-            counts = [metrics.main_num_tokens, *metrics.depth_num_tokens]
-            sums = [metrics.main_loss_sum, *metrics.depth_loss_sums]
-        vector = pack_window(
-            flops=self.local_flops()["total"],
-            tokens=float(self.tally.window_tokens),
-            elapsed_s=time.perf_counter() - self._start if elapsed_s is None else elapsed_s,
-            steps=float(self.tally.steps),
-            target_counts=counts,
-            loss_sums_nats=sums,
-        )
-        return reduce_window(
-            vector,
-            group,
-            num_depths=d,
-            vocab_size=self.model.vocab_size,
-            n_active=n_active(self.model),
-            peak_tflops=self.peak_tflops,
-        )
+        super().end_step()

@@ -4,7 +4,7 @@ Attributes resolve lazily, so `mtp_plugin.megatron.placement` and config validat
 without importing megatron.core, which takes seconds.
 """
 
-from importlib import import_module
+from mtp_plugin._lazy import lazy_exports
 
 _EXPORTS = {
     "check_supported": "config",
@@ -25,10 +25,4 @@ _EXPORTS = {
     "mtp_loss_func": "step",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(f"mtp_plugin.megatron.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'mtp_plugin.megatron' has no attribute {name!r}")
+__all__, __getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -15,6 +15,7 @@ from typing import ClassVar
 from megatron.training.models.gpt import GPTModelBuilder, GPTModelConfig
 
 from mtp_plugin.config import MTPConfig
+from mtp_plugin.megatron.lm_model import to_mtp_model
 
 
 @dataclass(kw_only=True)
@@ -27,8 +28,6 @@ class MTPGPTModelConfig(GPTModelConfig):
 
 class MTPGPTModelBuilder(GPTModelBuilder):
     def build_model(self, pg_collection, pre_process=None, post_process=None, vp_stage=None):
-        from mtp_plugin.megatron.lm_patch import to_mtp_model
-
         mtp = self._model_config.mtp_plugin
         if mtp is None:
             raise ValueError(

@@ -31,6 +31,7 @@ from mtp_plugin.config import LambdaScheduleConfig, MTPConfig
 from mtp_plugin.config.mtp import TRUNK_GRADIENTS
 from mtp_plugin.core.cross_entropy import DEFAULT_LOSS_CHUNK_TOKENS
 from mtp_plugin.core.schedules import SCHEDULE_KINDS
+from mtp_plugin.megatron.lm_model import to_mtp_model
 
 # Megatron-LM's default for --mtp-loss-scaling-factor (megatron/training/arguments.py, all supported tags).
 MEGATRON_DEFAULT_MTP_LOSS_SCALING = 0.1
@@ -169,30 +170,6 @@ def _trunk_gradients(args: argparse.Namespace) -> str:
             "--pretrained-checkpoint DIR (or --load DIR)"
         )
     return mode
-
-
-def _eod_id(mtp: MTPConfig) -> int | None:
-    if not mtp.mask_across_eod:
-        return None
-    from megatron.training import get_tokenizer
-
-    return get_tokenizer().eod
-
-
-def to_mtp_model(model, mtp: MTPConfig):
-    """A GPTModel stage that Megatron-LM built with its native MTP block -> the plugin's MTPGPTModel."""
-    from mtp_plugin.megatron.model import MTPGPTModel
-
-    model = MTPGPTModel.from_gpt_model(
-        model,
-        loss_chunk_tokens=mtp.loss_chunk_tokens,
-        loss_kernel=mtp.loss_kernel,
-        eod_id=_eod_id(mtp),
-        trunk_gradients=mtp.trunk_gradients,
-        train_depths=mtp.trains_depths,
-    )
-    model.mtp_config = mtp
-    return model
 
 
 def mtp_gpt_builder(gpt_builder):

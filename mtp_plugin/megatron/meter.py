@@ -51,7 +51,6 @@ No process-global state: the meter, its hooks and its tallies belong to the call
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +70,7 @@ from mtp_plugin.accounting.flops import (
     model_forward_flops,
     output_head_flops,
 )
-from mtp_plugin.accounting.meter import FlopTally, pack_window, reduce_window, window_flops
+from mtp_plugin.accounting.meter import WindowMeter
 
 __all__ = ["RhoMeter", "n_active_from_config"]
 
@@ -195,7 +194,7 @@ class _ExpertSlot:
                 t.zero_()
 
 
-class RhoMeter:
+class RhoMeter(WindowMeter):
     """Per-rank F and B for ρ; the caller owns it (see the module docstring for what is counted).
 
     model_cfg: the plugin's ``ModelConfig`` (``vocab_size`` = V of B_ceiling, the tokenizer's).
@@ -214,19 +213,14 @@ class RhoMeter:
         peak_tflops: float | None = None,
         causal_half: bool = True,
     ) -> None:
-        if peak_tflops is not None and peak_tflops <= 0:
-            raise ValueError(f"peak_tflops must be > 0 (TFLOP/s per device), got {peak_tflops}")
-        self.vocab_size = int(model_cfg.vocab_size)
-        self.num_depths = int(mtp_cfg.num_depths) if mtp_cfg is not None else 0
+        super().__init__(
+            num_depths=int(mtp_cfg.num_depths) if mtp_cfg is not None else 0,
+            vocab_size=model_cfg.vocab_size,
+            peak_tflops=peak_tflops,
+        )
         self.parallel_cfg = parallel_cfg
-        self.peak_tflops = peak_tflops
         self.causal_half = causal_half
-        self.tally = FlopTally()
         self._experts: list[_ExpertSlot] = []
-        self._handles: list = []
-        self._tp_rank = 0
-        self._n_active = 0.0
-        self._start = time.perf_counter()
 
     # ---------------------------------------------------------------------------------------------
     # Hooks.
@@ -246,12 +240,6 @@ class RhoMeter:
             self._attach_model(model)
         self.reset()
         return self
-
-    def detach(self) -> None:
-        """Remove the hooks; the window's counts stay readable until the next ``attach``."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _hook(self, module: torch.nn.Module, fn) -> None:
         """``fn(args, kwargs, output, multiplier)`` after each counted forward of ``module``."""
@@ -273,7 +261,7 @@ class RhoMeter:
         config = model.config
         tp_group = getattr(getattr(model, "pg_collection", None), "tp", None)
         tp = tp_group.size() if tp_group is not None else config.tensor_model_parallel_size
-        self._tp_rank = tp_group.rank() if tp_group is not None else 0
+        self._scores_bits = tp_group is None or tp_group.rank() == 0
         if self.parallel_cfg is not None and self.parallel_cfg.tensor_model_parallel_size != tp:
             raise ValueError(
                 f"RhoMeter: parallel_cfg.tensor_model_parallel_size={self.parallel_cfg.tensor_model_parallel_size} "
@@ -335,7 +323,7 @@ class RhoMeter:
                 self._hook(module, on_proj)
 
         if model.post_process:
-            tp_rank0 = self._tp_rank == 0
+            tp_rank0 = self._scores_bits
 
             def on_head(args, kwargs, out, mult):
                 tokens = _tokens(_tensor_arg(args, kwargs, 0, "input_")) * sp
@@ -402,17 +390,14 @@ class RhoMeter:
     # Steps and windows.
 
     def end_step(self) -> None:
-        """Close a training step: the FLOPs observed since the last call join the log window (no sync)."""
-        self.tally.end_step()
+        super().end_step()
         for slot in self._experts:
             slot.end_step()
 
     def reset(self) -> None:
-        """Start a new log window (and its clock)."""
-        self.tally.reset()
+        super().reset()
         for slot in self._experts:
             slot.reset()
-        self._start = time.perf_counter()
 
     def _expert_window(self) -> tuple[float, list[list[int]]]:
         """(expert FLOPs of the window, trained tokens per local expert per slot): one device read."""
@@ -429,12 +414,9 @@ class RhoMeter:
             pos += n
         return flops, [per_slot.get(id(s), []) for s in self._experts]
 
-    def local_flops(self) -> dict[str, float]:
-        """This rank's closed-window FLOPs by category (``FLOP_CATEGORIES``), with ``total``."""
+    def _extra_flops(self) -> dict[str, float]:
         expert_flops, _ = self._expert_window()
-        out = window_flops(self.tally, {"experts": expert_flops})
-        out["total"] = sum(out.values())
-        return out
+        return {"experts": expert_flops}
 
     def expert_tokens(self) -> dict[str, dict[int, int]]:
         """Trained tokens the router sent to each local expert in the window: {experts module: {global expert: n}}."""
@@ -443,40 +425,3 @@ class RhoMeter:
             s.name: {s.first_expert + i: int(n) for i, n in enumerate(counts)}
             for s, counts in zip(self._experts, per_slot)
         }
-
-    @property
-    def n_active(self) -> float:
-        return self._n_active
-
-    def reduce(self, group=None, *, metrics=None, elapsed_s: float | None = None) -> dict[str, float]:
-        """Sum this window over ``group`` (default: the world) with one all-reduce; return log fields.
-
-        metrics: the caller's ``MTPMetrics`` of the same window (B); None counts no bits.
-        elapsed_s: this rank's window time; default: since ``reset()``/``attach()``. Averaged over ranks.
-        Call on every rank of ``group``. The window is not reset (call ``reset()``).
-        """
-        d = self.num_depths
-        counts, sums = [0.0] * (1 + d), [0.0] * (1 + d)
-        if metrics is not None and self._tp_rank == 0:
-            if metrics.num_depths != d:
-                raise ValueError(f"RhoMeter.reduce: metrics has {metrics.num_depths} depths, mtp_cfg {d}")
-            counts = [metrics.main_num_tokens, *metrics.depth_num_tokens]
-            sums = [metrics.main_loss_sum, *metrics.depth_loss_sums]
-        flops = self.local_flops()["total"]
-        elapsed = time.perf_counter() - self._start if elapsed_s is None else elapsed_s
-        vector = pack_window(
-            flops=flops,
-            tokens=float(self.tally.window_tokens),
-            elapsed_s=elapsed,
-            steps=float(self.tally.steps),
-            target_counts=counts,
-            loss_sums_nats=sums,
-        )
-        return reduce_window(
-            vector,
-            group,
-            num_depths=d,
-            vocab_size=self.vocab_size,
-            n_active=self._n_active,
-            peak_tflops=self.peak_tflops,
-        )

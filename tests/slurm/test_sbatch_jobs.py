@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 from slurm_cluster import LocalSlurm, job_processes, make_root, slurm_missing
-from train_tiny import REPO, TINY_MODEL_OVERRIDES, write_tiny_corpus
+from train_tiny import REPO, TINY_MODEL_OVERRIDES, repo_env, write_tiny_corpus
 
 from mtp_plugin.train import logs
 
@@ -78,14 +78,12 @@ def _overrides(work: Path, *extra: str) -> list[str]:
 
 
 def _job_env(launcher: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "MTP_DEVICE": "cpu",
-        "MTP_PYTHON": sys.executable,
-        "MTP_LAUNCHER": launcher,
-    }
+    return repo_env(
+        PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        MTP_DEVICE="cpu",
+        MTP_PYTHON=sys.executable,
+        MTP_LAUNCHER=launcher,
+    )
 
 
 def _log(work: Path, name: str, job_id: int) -> str:

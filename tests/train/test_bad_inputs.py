@@ -505,23 +505,8 @@ def test_default_split_of_a_small_corpus_builds(tmp_path):
 def test_the_real_process_exits_2_with_one_line_and_no_run_directory(override, line, corpus, tmp_path):
     """The same through `python -m mtp_plugin.train` from an empty launch directory: the exit status
     the shell sees, and no outputs/<date>/<time>/ (Hydra's default run directory) afterwards."""
-    import os
-    import subprocess
-
-    from train_tiny import REPO
-
     train, valid = corpus
-    proc = subprocess.run(
-        [sys.executable, "-m", "mtp_plugin.train", f"data.train_prefix={train}", override],
-        cwd=tmp_path,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        },
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_app(f"data.train_prefix={train}", override, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         proc.stderr.strip().splitlines()[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from distributed_utils import run_distributed
-from train_tiny import REPO, TINY_MODEL_OVERRIDES, run_app, tiny_experiment, write_tiny_corpus
+from train_tiny import REPO, TINY_MODEL_OVERRIDES, repo_env, run_app, tiny_experiment, write_tiny_corpus
 
 LOSS_KEYS = ("lm loss", "mtp_1 loss", "mtp_2 loss", "grad norm", "learning rate", "mtp lambda")
 
@@ -296,10 +296,7 @@ def _app_args(train: str, valid: str, run_dir: Path, *extra: str) -> list[str]:
 def test_app_sigterm_saves_exits_3_leaves_no_process_and_resume_checks_the_config(tmp_path):
     train, valid = write_tiny_corpus(tmp_path / "data")
     run_dir = tmp_path / "run"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-    }
+    env = repo_env()
     # save_interval=1: the signals land while checkpoints are being written too.
     args = _app_args(train, valid, run_dir, "training.train_iters=50", "training.save_interval=1")
 

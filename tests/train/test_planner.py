@@ -5,7 +5,6 @@ one line naming the field, before anything is built."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 from distributed_utils import run_distributed
 from scaled_models import local_spec_cannot_build, scaled_model_overrides, shipped_model_names
-from train_tiny import REPO, write_tiny_corpus
+from train_tiny import REPO, repo_env, write_tiny_corpus
 
 from mtp_plugin.train.hydra_app import group_options
 
@@ -69,10 +68,7 @@ def plans(corpus):
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        },
+        env=repo_env(),
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -6,13 +6,12 @@ entry point), all models in one process."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 from scaled_models import local_spec_cannot_build, scaled_model_overrides, shipped_model_names
-from train_tiny import EOD, REPO, VOCAB, write_tiny_corpus
+from train_tiny import EOD, REPO, VOCAB, repo_env, write_tiny_corpus
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
@@ -52,10 +51,7 @@ def test_every_shipped_model_scaled_down_trains_two_steps(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-c", RUNNER, json.dumps(jobs)],
         cwd=REPO,
-        env={
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        },
+        env=repo_env(),
         capture_output=True,
         text=True,
         timeout=400,

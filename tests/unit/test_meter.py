@@ -10,6 +10,7 @@ import torch
 from mtp_plugin.accounting.meter import (
     FLOP_CATEGORIES,
     FlopTally,
+    WindowMeter,
     bits_ceiling,
     bits_effective,
     pack_window,
@@ -88,3 +89,42 @@ def test_pack_rejects_mismatched_heads():
         pack_window(flops=1, tokens=1, elapsed_s=1, steps=1, target_counts=[1, 2], loss_sums_nats=[1])
     with pytest.raises(ValueError, match="expected"):
         rho_log_fields(torch.zeros(5), num_depths=1, world_size=1, vocab_size=2, n_active=1)
+
+
+def _window_metrics(num_depths: int):
+    """An MTPMetrics window of one micro-batch: 100 main targets at 2 nats each, 90 per depth at 3 nats."""
+    from mtp_plugin.megatron.step import MTPMetrics
+
+    metrics = MTPMetrics(num_depths)
+    depth_counts = torch.tensor([[90.0, 40.0]] * num_depths)  # (valid targets, top-1 hits) per depth
+    metrics.update(torch.tensor(200.0), 100, torch.full((num_depths,), 270.0), depth_counts)
+    return metrics
+
+
+def test_window_meter_turns_its_window_into_log_fields():
+    # The one reduction both backends' meters inherit (RhoMeter, DeepSpeedRhoMeter): tally + metrics -> fields.
+    meter = WindowMeter(num_depths=2, vocab_size=1024, peak_tflops=2.0)
+    meter._n_active = 1e6
+    meter.tally.add("head", 4e12)
+    meter.tally.pending_tokens += 100
+    meter.end_step()
+    meter.tally.add("mlp", 1e12)  # an open step: not in the window
+    fields = meter.reduce(metrics=_window_metrics(2), elapsed_s=2.0)
+    assert fields["flops"] == 4e12 and fields["flops 6NT"] == 6e8 and fields["steps"] == 1
+    assert fields["targets main"] == 100 and fields["targets mtp_2"] == 90
+    assert fields["bits main"] == 1000 and fields["bits mtp_1"] == 900
+    assert fields["bits effective"] == pytest.approx((200 + 2 * 270) / math.log(2))
+    assert fields["TFLOP/s/GPU"] == 2.0 and fields["MFU"] == 1.0
+    assert meter.local_flops() == {**dict.fromkeys(FLOP_CATEGORIES, 0.0), "head": 4e12, "total": 4e12}
+    meter._scores_bits = False  # a tensor-parallel peer of the scoring rank: FLOPs, no bits
+    assert meter.reduce(metrics=_window_metrics(2), elapsed_s=2.0)["bits ceiling"] == 0.0
+    meter.reset()
+    assert meter.reduce(elapsed_s=1.0)["flops"] == 0.0
+
+
+def test_window_meter_rejects_metrics_of_other_depths():
+    meter = WindowMeter(num_depths=2, vocab_size=1024)
+    with pytest.raises(ValueError, match="WindowMeter.reduce: metrics has 1 depths, the meter 2"):
+        meter.reduce(metrics=_window_metrics(1))
+    with pytest.raises(ValueError, match="peak_tflops must be > 0"):
+        WindowMeter(num_depths=1, vocab_size=1024, peak_tflops=0.0)
