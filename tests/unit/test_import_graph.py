@@ -30,12 +30,14 @@ FLOORS = {
     "train": 3,
     "rho": 3,
     "plan": 4,
+    # decoding with the trained depths: loads the app's checkpoints into the Megatron model
+    "speculate": 4,
 }
 
 # Host frameworks (top-level import names) and the rooms that may import them; every other room imports
 # none, even lazily (Hydra: the app only; library code takes typed configs).
 HOSTS = {
-    "megatron": {"megatron", "data", "train", "plan"},
+    "megatron": {"megatron", "data", "train", "plan", "speculate"},
     "deepspeed": {"deepspeed", "train"},
     "hydra": {"train"},
     "omegaconf": {"train"},
