@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 
+from mtp_plugin.accounting.model_flops import token_flops
 from mtp_plugin.config import ExperimentConfig
 from mtp_plugin.plan.estimate import (
     ParamRecord,
@@ -20,7 +21,6 @@ from mtp_plugin.plan.estimate import (
     rho_by_depth,
     stage_memory,
     stage_params,
-    token_flops,
 )
 
 __all__ = ["check_plan", "data_warnings", "default_world_size", "format_report", "plan_experiment"]

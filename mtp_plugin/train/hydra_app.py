@@ -280,8 +280,8 @@ def mtp_notices(experiment: ExperimentConfig) -> list[str]:
     """Settings that train but are probably not meant: λ above 1 (accepted: λ is a loss weight, Megatron's
     mtp_loss_scaling_factor has no bound; only λ < 0 is refused), and MTP depths costing more than
     MTP_COST_NOTICE times next-token training (the planner's FLOPs figure)."""
+    from mtp_plugin.accounting.model_flops import token_flops
     from mtp_plugin.core.schedules import peak
-    from mtp_plugin.plan.estimate import token_flops
 
     notices = []
     mtp = experiment.mtp

@@ -19,19 +19,20 @@ FLOORS = {
     # the ground: framework-free helpers and MTP math
     "_lazy": 0,
     "core": 0,
-    # typed settings, ρ bookkeeping, token data: only the ground below them
+    # typed settings and token data: only the ground below them
     "config": 1,
-    "accounting": 1,
     "data": 1,
+    # ρ bookkeeping: FLOPs of shapes, and of a configured model (reads config)
+    "accounting": 2,
     # the host adapters: never each other, never an app
-    "megatron": 2,
-    "deepspeed": 2,
+    "megatron": 3,
+    "deepspeed": 3,
     # the apps: the training app, the seed-table CLI; the planner composes the app's configuration
-    "train": 3,
-    "rho": 3,
-    "plan": 4,
+    "train": 4,
+    "rho": 4,
+    "plan": 5,
     # decoding with the trained depths: loads the app's checkpoints into the Megatron model
-    "speculate": 4,
+    "speculate": 5,
 }
 
 # Host frameworks (top-level import names) and the rooms that may import them; every other room imports
