@@ -271,11 +271,6 @@ def sync_save_strategy():
     return SyncTorchDistSaveStrategy("torch_dist", 1)
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -473,37 +468,53 @@ def atomic_save(
         # checkpoint of this iteration exists.
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        _raise_on_every_rank(
-            failure or f"writing checkpoint {final.name} in {save_dir} failed on another rank",
-            previous_note(save_dir) if rank == 0 else "",
-            removed=True,
-        )
+        if torch.distributed.get_world_size() > 1:  # every rank names the first failing rank's cause
+            failures: list[str] = [""] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(failures, failure)
+            failure = next(f for f in failures if f)
+        _raise_on_every_rank(failure, previous_note(save_dir) if rank == 0 else "", removed=True)
+    published = ""
     if rank == 0:
-        if run_config is not None:
-            (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=1, sort_keys=True) + "\n")
-        record_file_sizes(tmp)
-        _fsync_dir(tmp)
-        if final.exists():  # the same iteration saved again (e.g. after a resume): keep it until replaced
-            stale = save_dir / (final.name + ".old")
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            os.replace(tmp, final)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        pointer_tmp = save_dir / (LATEST + ".tmp")
-        pointer_tmp.write_text(final.name + "\n")
-        with open(pointer_tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(pointer_tmp, save_dir / LATEST)
-        _fsync_dir(save_dir)
-        if keep_last:
-            finished = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and p.suffix == "")
-            for old in finished[:-keep_last]:
-                if old != final:
-                    shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        try:
+            _publish(tmp, final, run_config=run_config, keep_last=keep_last)
+        except OSError as err:  # the disk filled up between the shards and the small files, say
+            published = (
+                f"writing checkpoint {final.name} in {save_dir} failed: {_write_failure(err, save_dir)}"
+            )
+            if latest_checkpoint_or_none(save_dir) != final:
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(final, ignore_errors=True)
+    if _agreed_flag(bool(published)):
+        _raise_on_every_rank(published, previous_note(save_dir) if rank == 0 else "", removed=True)
     return final
+
+
+def _publish(tmp: Path, final: Path, *, run_config: dict[str, Any] | None, keep_last: int) -> None:
+    """Rank 0, every rank's files written into `tmp`: the small files, then `tmp` -> `final` and `latest`."""
+    save_dir = final.parent
+    if run_config is not None:
+        (tmp / RUN_CONFIG).write_text(json.dumps(run_config, indent=1, sort_keys=True) + "\n")
+    record_file_sizes(tmp)
+    _fsync_dir(tmp)
+    if final.exists():  # the same iteration saved again (e.g. after a resume): keep it until replaced
+        stale = save_dir / (final.name + ".old")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    pointer_tmp = save_dir / (LATEST + ".tmp")
+    pointer_tmp.write_text(final.name + "\n")
+    with open(pointer_tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(pointer_tmp, save_dir / LATEST)
+    _fsync_dir(save_dir)
+    if keep_last:
+        finished = sorted(p for p in save_dir.glob("iter_*") if p.is_dir() and p.suffix == "")
+        for old in finished[:-keep_last]:
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint_or_none(directory: str | os.PathLike) -> Path | None:

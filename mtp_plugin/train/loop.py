@@ -462,7 +462,7 @@ class Trainer:
             return ""
         old = schedule_from_state_dict(saved)
         new = self.schedule
-        if schedule_state_dict(old) == schedule_state_dict(new):
+        if type(old) is not type(new) or schedule_state_dict(old) == schedule_state_dict(new):
             return ""
         tokens = self.consumed_tokens
         self.schedule = keep_passed_switches(old, new, tokens)
