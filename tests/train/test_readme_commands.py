@@ -326,6 +326,7 @@ def test_plan_prints_the_readme_sample_and_no_warnings(workdir):
 
 @pytest.mark.megatron
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # ~1 minute on an idle 2-core machine; ten iterations with the GPT-2 vocabulary
 def test_make_demo_first_log_line(workdir, tmp_path):
     """`make demo`'s training command exactly as `make -n demo` prints it, stopped after the first log
     line (training.exit_interval=10; the first 10 iterations are the full run's): README's sample."""
