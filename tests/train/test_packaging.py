@@ -85,8 +85,9 @@ def test_wheel_ships_every_config_and_the_licence(installed):
 
 def test_the_readme_block_composes_a_config_outside_the_checkout(installed):
     out = installed["stdout"]
-    # The block's last line ran `--cfg job` from the directory above the checkout copy.
-    assert out.startswith("# MTP D = 2 (w_k = 1/D), λ 0.3, then 0.1 from "), out[:300]
+    # The block's last line ran `--cfg job` from the directory above the checkout copy (after pip's output).
+    summary = out[out.index("# MTP D = ") :]
+    assert summary.startswith("# MTP D = 2 (w_k = 1/D), λ 0.3, then 0.1 from "), out[-3000:]
     assert "name: toy_demo" in out and "num_depths: 2" in out
     assert not (installed["root"] / "outputs").exists()  # --cfg prints the config and runs nothing
 
