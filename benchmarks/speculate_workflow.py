@@ -38,7 +38,10 @@ def _train(name: str, work: Path, iters: int, *overrides: str) -> dict:
         "training.global_batch_size=8",
         "training.micro_batch_size=4",
         f"training.lr_warmup_iters={max(1, iters // 10)}",
-        "training.eval_interval=0",
+        # One validation at the end, on the split the decoder's prompts come from: the teacher-forced chain
+        # length there is comparable with the decoder's mean accepted length.
+        f"training.eval_interval={iters}",
+        "training.eval_iters=2",
         f"training.save_interval={iters}",
         f"training.save_dir={ckpt}",
         f"training.load_dir={ckpt}",
@@ -54,8 +57,9 @@ def _train(name: str, work: Path, iters: int, *overrides: str) -> dict:
     print(proc.stdout[-1500:], proc.stderr[-3000:] if proc.returncode else "", flush=True)
     if proc.returncode:
         raise SystemExit(f"{name} failed ({proc.returncode})")
-    lines = [logs.parse_log_line(line) for line in proc.stdout.splitlines()]
-    lines = [line for line in lines if line and "elapsed time per iteration (ms)" in line]
+    parsed = [logs.parse_log_line(line) for line in proc.stdout.splitlines()]
+    lines = [line for line in parsed if line and "elapsed time per iteration (ms)" in line]
+    validation = [line for line in parsed if line and line.get("validation")]
     # The first interval holds the start-up (allocation, first kernels): the step time is the later ones'.
     steady = lines[1:] or lines
     return {
@@ -64,6 +68,7 @@ def _train(name: str, work: Path, iters: int, *overrides: str) -> dict:
         "seconds": time.time() - start,
         "ms_per_iter": sum(line["elapsed time per iteration (ms)"] for line in steady) / len(steady),
         "last_log": lines[-1],
+        "validation": validation[-1] if validation else None,
     }
 
 
@@ -123,12 +128,14 @@ def main() -> None:
     out["decode_code_after"] = decode(out["refresh"]["checkpoint"], args.code_prompts, "decode_code_after")
     shutil.rmtree(out["refresh"]["checkpoint"])
 
-    print("\nphase | ms/iter | lm loss | mtp_1 acc | mtp_2 acc | chain len (teacher-forced)")
+    print("\nphase | ms/iter | lm loss | mtp_1 acc | mtp_2 acc | chain len (last log; validation)")
     for name in ("pretrain", "finetune", "refresh"):
-        log = out[name]["last_log"]
+        log, val = out[name]["last_log"], out[name]["validation"] or {}
         print(
             f"{name} | {out[name]['ms_per_iter']:.0f} | {log['lm loss']:.3f} | {log['mtp_1 acceptance']:.3f} | "
-            f"{log['mtp_2 acceptance']:.3f} | {log['mtp chain accept length']:.3f}"
+            f"{log['mtp_2 acceptance']:.3f} | {log['mtp chain accept length']:.3f}; "
+            f"valid {val.get('mtp chain accept length', float('nan')):.3f} "
+            f"(acc {val.get('mtp_1 acceptance', float('nan')):.3f} {val.get('mtp_2 acceptance', float('nan')):.3f})"
         )
     print(
         "\ndecode | batch | acceptance per position | mean accepted | plain tok/s | spec tok/s | ratio | identical"

@@ -6,6 +6,7 @@ the main loss and every MTP depth's loss fall within a few steps of a tiny model
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -189,3 +190,33 @@ def by_step(records: list[dict], key: str) -> dict[int, float]:
             assert out.get(step, record[key]) == record[key], (key, step)
             out[step] = record[key]
     return out
+
+
+def trained_speculate_model(tmp_path_factory) -> dict[str, Path]:
+    """A 12-iteration app run (D = 2) on the tiny corpus and 4 prompts from its valid split, for the decoder
+    tests (tests/speculate, tests/gpu): {"checkpoint": its save_dir, "prompts": a .jsonl, "root": tmp}."""
+    root = tmp_path_factory.mktemp("speculate")
+    train, valid = write_tiny_corpus(root / "data")
+    proc = run_app(
+        *TINY_MODEL_OVERRIDES,
+        f"data.train_prefix={train}",
+        f"data.valid_prefix={valid}",
+        "mtp=d2",
+        "training.train_iters=12",
+        "training.global_batch_size=4",
+        "training.micro_batch_size=2",
+        "training.lr=3e-3",
+        "training.lr_warmup_iters=1",
+        "training.eval_interval=0",
+        "training.progress_bar=off",
+        f"hydra.run.dir={root / 'run'}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from mtp_plugin.data import read_indexed_dataset
+
+    prompts = root / "prompts.jsonl"
+    docs = read_indexed_dataset(valid)
+    # Prompts of different lengths: a batch decodes from its shortest.
+    lines = [json.dumps({"token_ids": [int(t) for t in d[: 5 + i % 3]]}) for i, d in enumerate(docs[:4])]
+    prompts.write_text("\n".join(lines) + "\n")
+    return {"checkpoint": root / "run" / "checkpoints", "prompts": prompts, "root": root}

@@ -14,40 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_tiny import REPO, TINY_MODEL_OVERRIDES, run_app, write_tiny_corpus
+from train_tiny import REPO, trained_speculate_model
 
 from mtp_plugin.speculate.__main__ import main
 
 pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("speculate")
-    train, valid = write_tiny_corpus(root / "data")
-    proc = run_app(
-        *TINY_MODEL_OVERRIDES,
-        f"data.train_prefix={train}",
-        f"data.valid_prefix={valid}",
-        "mtp=d2",
-        "training.train_iters=12",
-        "training.global_batch_size=4",
-        "training.micro_batch_size=2",
-        "training.lr=3e-3",
-        "training.lr_warmup_iters=1",
-        "training.eval_interval=0",
-        "training.progress_bar=off",
-        f"hydra.run.dir={root / 'run'}",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    from mtp_plugin.data import read_indexed_dataset
-
-    prompts = root / "prompts.jsonl"
-    docs = read_indexed_dataset(valid)
-    # Prompts of different lengths: a batch decodes from its shortest.
-    lines = [json.dumps({"token_ids": [int(t) for t in d[: 5 + i % 3]]}) for i, d in enumerate(docs[:4])]
-    prompts.write_text("\n".join(lines) + "\n")
-    return {"checkpoint": root / "run" / "checkpoints", "prompts": prompts, "root": root}
+trained = pytest.fixture(scope="module")(trained_speculate_model)
 
 
 def test_speculative_output_equals_plain_greedy_token_for_token(trained):
