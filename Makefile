@@ -19,12 +19,16 @@ $(STAMP): requirements/lock.txt requirements/dev.txt pyproject.toml
 	$(VPY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-# The whole suite on megatron-core 0.16.1 (CI's first leg; `make test-mcore019` is the second). One line per
-# test file as it runs, with the suite's progress. It changes nothing on the machine: the slurm tests skip
-# (one line saying why) unless `make slurm-deps` installed Slurm.
+# The whole suite on megatron-core 0.16.1 (CI's first leg; `make test-mcore019` is the second) in two
+# pytest-xdist workers, one test file each at a time (`--dist loadfile`: a module's fixtures are built once;
+# two cores: while one worker waits on a process start-up or an import, the other runs). One line per test
+# file as it finishes (tests/conftest.py). It changes nothing on the machine: the slurm tests skip (one line
+# saying why) unless `make slurm-deps` installed Slurm.
+PYTEST_PAR ?= -n 2 --dist loadfile
+
 test: setup
 	$(VPY) -m ruff check .
-	$(VPY) -m pytest tests
+	$(VPY) -m pytest -q $(PYTEST_PAR) tests
 
 # Debian's Slurm 22.05 and munge (8 packages, ~10 s) for tests/slurm, which start real daemons on this
 # machine. Installing packages changes the machine, so the tests never do it: this target does, as root.
@@ -42,13 +46,16 @@ STAMP019 := $(VENV019)/.setup-stamp
 
 setup-mcore019: $(STAMP019)
 
-$(STAMP019): requirements/lock.txt requirements/dev.txt pyproject.toml
-	test -x $(VENV019)/bin/python || $(PY) -m venv $(VENV019)
-	$(VENV019)/bin/python -m pip install -q --upgrade pip
-	DS_BUILD_OPS=0 $(VENV019)/bin/python -m pip install -q -c requirements/lock.txt -r requirements/dev.txt
+# Built from leg 1's environment, which holds every other package at the same locked version: a copy of
+# its files as hard links (no second install of torch, DeepSpeed...; pip replaces files, never edits them
+# in place, so the two stay apart), then megatron-core swapped; the editable install of this checkout comes
+# along. A venv finds its packages next to the bin/python it is run through: the copy is a venv of its own.
+$(STAMP019): $(STAMP)
+	rm -rf $(VENV019)
+	cp -al $(VENV) $(VENV019)
+	rm -f $(VENV019)/.setup-stamp
 	$(VENV019)/bin/python -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
 	$(VENV019)/bin/python -m pip install -q -c requirements/lock.txt triton==3.9.0
-	$(VENV019)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	# The wheel ships megatron/core/datasets' prebuilt helpers but not their Makefile, and Megatron-LM's
 	# initialize_megatron runs `make` there at start-up; a no-op Makefile lets it use the prebuilt .so.
 	$(VENV019)/bin/python -c "import os, megatron.core.datasets as d; p = os.path.join(d.__path__[0], 'Makefile'); os.path.exists(p) or open(p, 'w').write('default:\n\t@true\n')"
@@ -58,7 +65,7 @@ test-mcore019: setup-mcore019
 	$(VENV019)/bin/python -c "import megatron.core, importlib.metadata as m; print('megatron-core', m.version('megatron-core'))"
 	# The native-only smoke tests (native MTP pp1 = pp2 x ep2, no plugin code) run in leg 1; on 0.19 the plugin's own
 	# pp/ep/tp tests and the parity with native cover what changed, and CI time is kept near 20 minutes.
-	$(VENV019)/bin/python -m pytest -m megatron tests --ignore=tests/distributed/test_megatron_native_smoke.py
+	$(VENV019)/bin/python -m pytest -q $(PYTEST_PAR) -m megatron tests --ignore=tests/distributed/test_megatron_native_smoke.py
 
 test-megatron: setup
 	$(VPY) -m pytest -q -m megatron tests

@@ -6,7 +6,6 @@ same global batch.
 """
 
 import zlib
-from functools import partial
 
 import pytest
 import torch
@@ -43,10 +42,15 @@ def _pipeline_worker(num_experts, layout, tied, optimizer_steps, dispatcher="all
         finalize_model_grads,
     )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_cpu import TinyGPT, build_tiny_plugin_gpt, make_microbatches, to_global_names
+    from megatron_cpu import (
+        TinyGPT,
+        build_tiny_plugin_gpt,
+        make_microbatches,
+        plugin_forward_backward,
+        to_global_names,
+    )
 
-    from mtp_plugin.megatron import MTPMetrics, mtp_forward_step
+    from mtp_plugin.megatron import MTPMetrics
 
     pp_rank = ps.get_pipeline_model_parallel_rank()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -82,14 +86,7 @@ def _pipeline_worker(num_experts, layout, tied, optimizer_steps, dispatcher="all
         metrics = MTPMetrics(NUM_DEPTHS)
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        losses = get_forward_backward_func()(
-            forward_step_func=partial(mtp_forward_step, lam=0.3, metrics=metrics),
-            data_iterator=iter(batches),
-            model=[ddp],
-            num_microbatches=num_mb,
-            seq_length=shape.seq_length,
-            micro_batch_size=MICRO_BATCH,
-        )
+        losses = plugin_forward_backward(ddp, batches, lam=0.3, metrics=metrics)
         record = {
             "losses": [{k: v.tolist() for k, v in d.items()} for d in losses],
             "emb": model.embedding.word_embeddings.weight.detach().clone()

@@ -8,7 +8,6 @@ layers cost one more forward.
 
 import math
 import zlib
-from functools import partial
 
 import pytest
 import torch
@@ -69,11 +68,16 @@ def _meter_worker(cases):
     """Run each case (dict: num_experts, recompute overrides, force_step) one training step per phase."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_cpu import TinyGPT, make_microbatches, tiny_transformer_config, to_global_names
+    from megatron_cpu import (
+        TinyGPT,
+        make_microbatches,
+        plugin_forward_backward,
+        tiny_transformer_config,
+        to_global_names,
+    )
 
     from mtp_plugin.config import ModelConfig, MTPConfig, ParallelConfig
-    from mtp_plugin.megatron import MTPGPTModel, MTPMetrics, mtp_forward_step, plan_pipeline
+    from mtp_plugin.megatron import MTPGPTModel, MTPMetrics, plan_pipeline
     from mtp_plugin.megatron.meter import RhoMeter
 
     _cpu_recompute_shim()
@@ -135,14 +139,7 @@ def _meter_worker(cases):
             handles = _force_route_to_first_experts(model) if phase == "forced" else []
             metrics = MTPMetrics(NUM_DEPTHS)
             meter.reset()
-            get_forward_backward_func()(
-                forward_step_func=partial(mtp_forward_step, lam=0.3, metrics=metrics),
-                data_iterator=iter(batches),
-                model=[model],
-                num_microbatches=num_mb,
-                seq_length=shape.seq_length,
-                micro_batch_size=MICRO_BATCH,
-            )
+            plugin_forward_backward(model, batches, lam=0.3, metrics=metrics)
             meter.end_step()
             for handle in handles:
                 handle.remove()

@@ -135,19 +135,10 @@ def _build(per_token: bool, chunk_tokens: int):
 
 def _step_grads(model, ddp, batches, **step_kwargs):
     """One step's gradients after Megatron's schedule and finalize_model_grads (DDP all-reduce, 1/N)."""
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from mtp_plugin.megatron import mtp_forward_step
+    from megatron_cpu import plugin_forward_backward
 
     ddp.zero_grad_buffer()
-    get_forward_backward_func()(
-        forward_step_func=partial(mtp_forward_step, **step_kwargs),
-        data_iterator=iter(batches),
-        model=[ddp],
-        num_microbatches=len(batches),
-        seq_length=SEQ,
-        micro_batch_size=MICRO,
-    )
+    plugin_forward_backward(ddp, batches, **step_kwargs)
     return {n: p.main_grad.detach().double().clone() for n, p in model.named_parameters()}
 
 

@@ -19,12 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import megatron_lm_harness  # noqa: E402  (first: the Python 3.11 shim megatron.training needs)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from distributed_utils import free_port  # noqa: E402
 
 
 def main() -> None:
     script, flags = sys.argv[1], sys.argv[2:]
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29611")
+    # A free port, not a fixed one: CI runs test files side by side (pytest-xdist).
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     from megatron.core import parallel_state, tensor_parallel
     from megatron_cpu import install_cpu_shims
