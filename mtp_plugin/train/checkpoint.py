@@ -40,6 +40,9 @@ RUN_CONFIG_GROUPS = ("model", "mtp", "data")
 RESUMABLE_DATA_FIELDS = ("cache_dir",)
 # A finished backend=deepspeed checkpoint (DeepSpeed's engine files) holds this JSON: format, iteration, layout.
 DEEPSPEED_MARKER = "deepspeed_checkpoint.json"
+# Set in the common state of a checkpoint holding model weights only (`python -m mtp_plugin.convert import`):
+# a run loading it starts at iteration 0 with a fresh optimizer, scheduler and RNG from its own seed.
+WEIGHTS_ONLY = "weights_only"
 
 
 def run_config(cfg) -> dict[str, Any]:
@@ -332,11 +335,15 @@ def atomic_save(
 
 def load_checkpoint(path: str | os.PathLike, *, model, optimizer, load_rng: bool = True) -> dict[str, Any]:
     """Load `path` into model, optimizer and (with load_rng) this rank's RNG; return the common values
-    saved with it. dist_checkpointing reshards model and optimizer to this run's layout; the per-rank RNG
+    saved with it (a `WEIGHTS_ONLY` checkpoint: the model alone). dist_checkpointing reshards model and optimizer to this run's layout; the per-rank RNG
     states cannot be, so a caller under another layout passes load_rng=False."""
     from megatron.core import dist_checkpointing
 
     common_keys = dist_checkpointing.load_common_state_dict(str(path))
+    if common_keys.get(WEIGHTS_ONLY):
+        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        model.load_state_dict(state["model"])
+        return {k: v for k, v in common_keys.items() if k != "model"}
     template = _sharded_state(model, optimizer, is_loading=True, common={})
     if not load_rng:
         del template["rng"]

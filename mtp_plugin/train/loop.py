@@ -354,6 +354,10 @@ class Trainer:
         # dist_checkpointing reshards model and optimizer) they are skipped, as Megatron-LM's --no-load-rng.
         load_rng = saved_layout is None or saved_layout == self._layout()
         common = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, load_rng=load_rng)
+        if common.get(ckpt.WEIGHTS_ONLY):
+            if self.is_logging_rank:
+                self._print(f" started from the weights in {path} (fresh optimizer, iteration 0)")
+            return
         self.scheduler.load_state_dict(common["scheduler"])
         self.iteration = int(common["iteration"])
         self.consumed_samples = int(common["consumed_samples"])
