@@ -49,14 +49,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Hydra overrides may come before or after --out: argparse takes positionals in one run only.
+    args, rest = parser.parse_known_args(argv)
+    if rest and (args.command != "import" or any(a.startswith("-") or "=" not in a for a in rest)):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if rest:
+        args.overrides = [*args.overrides, *rest]
     from mtp_plugin.convert.convert import ConvertError, export_checkpoint, import_checkpoint
 
     try:
         if args.command == "export":
             export_checkpoint(args.checkpoint, args.out, max_shard_bytes=args.max_shard_size)
         else:
-            from mtp_plugin.train.hydra_app import ConfigError, compose_experiment
+            from mtp_plugin.train.hydra_app import ConfigError, compose_experiment, quiet_megatron
+
+            quiet_megatron()
 
             try:
                 cfg = compose_experiment(list(args.overrides))

@@ -152,7 +152,9 @@ def load_weights(model, path: str | os.PathLike) -> None:
     """Load the model tensors of checkpoint `path` (any layout, weights-only or full) into `model`."""
     from megatron.core import dist_checkpointing
 
-    state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+    state = dist_checkpointing.load(
+        {"model": model.sharded_state_dict(metadata=ckpt.sharded_metadata())}, str(path)
+    )
     model.load_state_dict(state["model"])
 
 
@@ -166,7 +168,7 @@ def write_weights_only(
     with single_process_model(cfg) as model:
         set_count = 0
         with torch.no_grad():
-            for key, sharded in _sharded_tensors(model.sharded_state_dict()):
+            for key, sharded in _sharded_tensors(model.sharded_state_dict(metadata=ckpt.sharded_metadata())):
                 value = tensor_for(key)
                 if value is None:
                     continue
@@ -177,7 +179,11 @@ def write_weights_only(
         def write(tmp: Path) -> None:
             from megatron.core import dist_checkpointing
 
-            state = {"model": model.sharded_state_dict(), "iteration": 0, ckpt.WEIGHTS_ONLY: True}
+            state = {
+                "model": model.sharded_state_dict(metadata=ckpt.sharded_metadata()),
+                "iteration": 0,
+                ckpt.WEIGHTS_ONLY: True,
+            }
             dist_checkpointing.save(state, str(tmp), sharded_strategy=ckpt.sync_save_strategy())
 
         ckpt.atomic_save(out, 0, write, run_config=ckpt.run_config(cfg))

@@ -178,19 +178,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
-def _sharded_state(model, optimizer, *, is_loading: bool, common: dict[str, Any]) -> dict[str, Any]:
+def sharded_metadata() -> dict[str, Any]:
+    """What Megatron-LM's checkpointing passes to `sharded_state_dict` (_build_sharded_state_dict_metadata):
+    the group over which replicated tensors are deduplicated, and the current (prefix-free)
+    chained-optimizer key format."""
     from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    rank = torch.distributed.get_rank()
-    world = torch.distributed.get_world_size()
-    # What Megatron-LM's checkpointing passes (_build_sharded_state_dict_metadata): the group over which
-    # replicated tensors are deduplicated, and the current (prefix-free) chained-optimizer key format.
-    metadata = {
+    return {
         "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True),
         "singleton_local_shards": False,
         "chained_optim_avoid_prefix": True,
     }
+
+
+def _sharded_state(model, optimizer, *, is_loading: bool, common: dict[str, Any]) -> dict[str, Any]:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    rank = torch.distributed.get_rank()
+    world = torch.distributed.get_world_size()
+    metadata = sharded_metadata()
     if getattr(optimizer.config, "use_distributed_optimizer", False):
         metadata["distrib_optim_sharding_type"] = "fully_sharded_model_space"
     model_sd = model.sharded_state_dict(metadata=metadata)
@@ -341,7 +347,9 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer, load_rng: bool
 
     common_keys = dist_checkpointing.load_common_state_dict(str(path))
     if common_keys.get(WEIGHTS_ONLY):
-        state = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(path))
+        state = dist_checkpointing.load(
+            {"model": model.sharded_state_dict(metadata=sharded_metadata())}, str(path)
+        )
         model.load_state_dict(state["model"])
         return {k: v for k, v in common_keys.items() if k != "model"}
     template = _sharded_state(model, optimizer, is_loading=True, common={})
