@@ -381,7 +381,11 @@ def test_a_checkpoint_of_a_model_no_layout_expresses_is_refused_naming_the_field
     """The toy/small shape (grouped-query attention, softmax routing), trained one iteration by the app."""
     train, valid = write_tiny_corpus(tmp_path / "corpus")
     proc = run_app(
-        *[o for o in _run_overrides(train, valid) if not o.startswith(("experiment=", "training.lr="))],
+        *[
+            o
+            for o in _run_overrides(train, valid)
+            if not o.startswith(("experiment=", "training.lr", "training.train_iters"))
+        ],
         "model=toy",
         "model.num_layers=2",
         "model.hidden_size=32",
@@ -390,6 +394,7 @@ def test_a_checkpoint_of_a_model_no_layout_expresses_is_refused_naming_the_field
         "model.moe_shared_expert_size=32",
         "model.num_experts=4",
         "training.train_iters=1",
+        "training.lr_warmup_iters=0",
         "training.save_interval=1",
         f"training.save_dir={tmp_path / 'ckpt'}",
         f"hydra.run.dir={tmp_path / 'run'}",
