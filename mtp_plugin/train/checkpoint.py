@@ -153,6 +153,9 @@ def file_size_problem(path: str | os.PathLike) -> str | None:
 # against which a run-relative λ switch (mtp=deepseek_v3_scaled: 2/3 of the run) is recognised on resume.
 RUN_TOKENS = "run_tokens"
 LAMBDA_TOKEN_FIELDS = ("boundaries_tokens", "start_tokens", "end_tokens")
+# Set in the common state of a checkpoint holding model weights only (`python -m mtp_plugin.convert import`):
+# a run loading it starts at iteration 0 with a fresh optimizer, scheduler and RNG from its own seed.
+WEIGHTS_ONLY = "weights_only"
 
 
 def run_config(cfg) -> dict[str, Any]:
@@ -304,9 +307,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
 
 
-def _sharded_metadata() -> dict[str, Any]:
-    """What Megatron-LM's checkpointing passes (_build_sharded_state_dict_metadata): the group over which
-    replicated tensors are deduplicated, and the current (prefix-free) chained-optimizer key format."""
+def sharded_metadata() -> dict[str, Any]:
+    """What Megatron-LM's checkpointing passes to `sharded_state_dict` (_build_sharded_state_dict_metadata):
+    the group over which replicated tensors are deduplicated, and the current (prefix-free)
+    chained-optimizer key format."""
     from megatron.core import parallel_state as ps
 
     return {
@@ -321,7 +325,7 @@ def _sharded_state(model, optimizer, *, is_loading: bool, common: dict[str, Any]
 
     rank = torch.distributed.get_rank()
     world = torch.distributed.get_world_size()
-    metadata = _sharded_metadata()
+    metadata = sharded_metadata()
     if getattr(optimizer.config, "use_distributed_optimizer", False):
         metadata["distrib_optim_sharding_type"] = "fully_sharded_model_space"
     model_sd = model.sharded_state_dict(metadata=metadata)
@@ -570,11 +574,17 @@ def _raise_on_every_rank(problem: str, note: str, *, removed: bool = False) -> N
 
 def load_checkpoint(path: str | os.PathLike, *, model, optimizer, load_rng: bool = True) -> dict[str, Any]:
     """Load `path` into model, optimizer and (with load_rng) this rank's RNG; return the common values
-    saved with it. dist_checkpointing reshards model and optimizer to this run's layout; the per-rank RNG
+    saved with it (a `WEIGHTS_ONLY` checkpoint: the model alone). dist_checkpointing reshards model and optimizer to this run's layout; the per-rank RNG
     states cannot be, so a caller under another layout passes load_rng=False."""
     from megatron.core import dist_checkpointing
 
     common_keys = dist_checkpointing.load_common_state_dict(str(path))
+    if common_keys.get(WEIGHTS_ONLY):
+        state = dist_checkpointing.load(
+            {"model": model.sharded_state_dict(metadata=sharded_metadata())}, str(path)
+        )
+        model.load_state_dict(state["model"])
+        return {k: v for k, v in common_keys.items() if k != "model"}
     template = _sharded_state(model, optimizer, is_loading=True, common={})
     if not load_rng:
         del template["rng"]
@@ -610,6 +620,6 @@ def load_model_weights(path: str | os.PathLike, *, model) -> None:
     RNG and data position stay this run's own: a run that starts from a trained model."""
     from megatron.core import dist_checkpointing
 
-    template = {"model": model.sharded_state_dict(metadata=_sharded_metadata())}
+    template = {"model": model.sharded_state_dict(metadata=sharded_metadata())}
     state = dist_checkpointing.load(template, str(path))
     model.load_state_dict(state["model"])

@@ -417,6 +417,10 @@ class Trainer:
         # the scheduler sets the lr (else a resume with a new training.lr keeps training at the old one).
         group_lrs = [(g["max_lr"], g["min_lr"]) for g in self.optimizer.param_groups if "max_lr" in g]
         common = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, load_rng=load_rng)
+        if common.get(ckpt.WEIGHTS_ONLY):
+            if self.is_logging_rank:
+                self._print(f" started from the weights in {path} (fresh optimizer, iteration 0)")
+            return
         groups = [g for g in self.optimizer.param_groups if "max_lr" in g]
         for group, (max_lr, min_lr) in zip(groups, group_lrs, strict=True):
             group["max_lr"], group["min_lr"] = max_lr, min_lr

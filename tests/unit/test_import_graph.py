@@ -33,12 +33,14 @@ FLOORS = {
     "plan": 5,
     # decoding with the trained depths: loads the app's checkpoints into the Megatron model
     "speculate": 5,
+    # checkpoint conversion to/from the Hugging Face layout: reads and writes the app's checkpoints
+    "convert": 5,
 }
 
 # Host frameworks (top-level import names) and the rooms that may import them; every other room imports
 # none, even lazily (Hydra: the app only; library code takes typed configs).
 HOSTS = {
-    "megatron": {"megatron", "data", "train", "plan", "speculate"},
+    "megatron": {"megatron", "data", "train", "plan", "speculate", "convert"},
     "deepspeed": {"deepspeed", "train"},
     "hydra": {"train"},
     "omegaconf": {"train"},
