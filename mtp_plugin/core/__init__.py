@@ -6,7 +6,9 @@ Nothing here imports Megatron, DeepSpeed or Hydra.
 from mtp_plugin.core.cross_entropy import (
     DEFAULT_LOSS_CHUNK_TOKENS,
     CrossEntropyStats,
+    check_labels,
     linear_cross_entropy,
+    linear_cross_entropy_per_token,
     linear_cross_entropy_plain,
 )
 from mtp_plugin.core.loss import MTPLossOutput, default_depth_weights, multi_token_loss, weighted_depth_loss
@@ -37,11 +39,13 @@ __all__ = [
     "PiecewiseLambda",
     "all_depth_targets",
     "build_mtp_stack",
+    "check_labels",
     "deepseek_v3_lambda",
     "default_depth_weights",
     "depth_targets",
     "eod_valid_mask",
     "linear_cross_entropy",
+    "linear_cross_entropy_per_token",
     "linear_cross_entropy_plain",
     "multi_token_loss",
     "rms_norm_factory",
