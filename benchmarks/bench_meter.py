@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--block", type=int, default=5, help="steps per block = the meter's log interval")
     p.set_defaults(out=Path("bench_meter.json"))
-    args = p.parse_args(argv)
+    args = bench_mtp.parse_args(p, argv)
     if not torch.cuda.is_available():
         from mtp_plugin.train.cpu import enable_megatron_on_cpu
 
