@@ -924,9 +924,12 @@ def main(argv=None) -> int:
     start = time.monotonic()
     head = None
     if torch.cuda.is_available() and not args.no_head:
-        head = time_head(args)
-        print(f"head alone: {json.dumps(head, indent=1)}", flush=True)
-        torch.cuda.empty_cache()
+        try:
+            head = time_head(args)
+            print(f"head alone: {json.dumps(head, indent=1)}", flush=True)
+        except Exception as err:  # noqa: BLE001  (the rounds stand without it; the error is reported)
+            print(f"head alone failed: {type(err).__name__}: {err}", flush=True)
+        _release_memory()
     per_config = run_rounds(names, args, start)
     summary = [summarize(name, per_config[name]) for name in names]
     parts = breakdown(args) if args.breakdown else None
