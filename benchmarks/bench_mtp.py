@@ -568,6 +568,8 @@ def run_rounds(names: list[str], args, start: float) -> dict[str, list[dict]]:
                 r["left_allocated_gib"] = _release_memory()
             r["round"] = rnd
             per_config[name].append(r)
+            # What has run so far survives a kill at the device call's time limit.
+            args.out.with_suffix(".partial.json").write_text(json.dumps(per_config, default=str))
             brief = (
                 r.get("error") or f"{r['ms']:.1f} ms (min {r['ms_min']:.1f}), peak {r.get('peak_gib')} GiB"
             )
