@@ -16,7 +16,7 @@ timeout 45 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_fused_cro
     tail -4 | tee "$OUT/gpu_tests.txt"
 
 python3 benchmarks/bench_mtp.py --shape gpu-bound --configs "$CONFIGS_GB" "${ROUNDS[@]}" --budget-s "${BUDGET_GB:-80}" \
-    --out "$OUT/bench_mtp_gpu_bound.json" --table "$OUT/bench_mtp_gpu_bound.md" 2>&1 | grep -v Warning
+    ${BREAKDOWN_GB:+--breakdown --breakdown-reps 6} --out "$OUT/bench_mtp_gpu_bound.json" --table "$OUT/bench_mtp_gpu_bound.md" 2>&1 | grep -v Warning
 
 [ "$CONFIGS_BENCH" = - ] && exit 0  # the device time left covers the GPU-bound shape only
 python3 benchmarks/bench_mtp.py --shape bench --configs "$CONFIGS_BENCH" "${ROUNDS[@]}" --budget-s 45 \
