@@ -12,7 +12,7 @@ CONFIGS_GB=${CONFIGS_GB:-none-L5,native-D1,fused-D1,native-D3,fused-D3}
 CONFIGS_BENCH=${CONFIGS_BENCH:-none-L9,native-D1,fused-D1}
 ROUNDS=(--rounds 3 --warmup 2 --steps 4)
 
-timeout 45 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_fused_cross_entropy.py -k per_token 2>&1 |
+timeout "${TEST_TIMEOUT:-45}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_fused_cross_entropy.py -k per_token 2>&1 |
     tail -4 | tee "$OUT/gpu_tests.txt"
 
 python3 benchmarks/bench_mtp.py --shape gpu-bound --configs "$CONFIGS_GB" "${ROUNDS[@]}" --budget-s "${BUDGET_GB:-80}" \
