@@ -48,6 +48,18 @@ if str(REPO) not in sys.path:
 
 KINDS = ("native", "plugin", "chunked", "fused")
 
+# `bench`: DESIGN.md §6's shape, host-bound on one H100/H200 (6,400+ kernel launches a step: the local
+# spec's Python loop over 16 experts). `gpu-bound`: 4x fewer experts, each 2x wider, hidden 2048, half the
+# layers: ~4x fewer launches for ~2x the FLOPs, so the GPU and not Python sets the step (kernel time
+# >= 85% of it, checked by the run); native D = 3 fits 80 GB (`python -m mtp_plugin.plan`-style estimate in
+# BENCHMARKS.md). Step-time targets: <= 0.95x native on `bench`, <= 0.90x on `gpu-bound` (issue 24).
+SHAPES = {
+    "bench": dict(hidden=1024, layers=8, heads=16, experts=16, topk=2, moe_ffn_hidden_size=4096),
+    "gpu-bound": dict(hidden=2048, layers=4, heads=16, experts=4, topk=2, moe_ffn_hidden_size=6144),
+}
+STEP_TARGET = {"bench": 0.95, "gpu-bound": 0.90}
+GPU_BOUND_SHARE = 0.85  # kernel time / step time for a step the GPU bounds
+
 
 def config_names(depths: list[int], layers: int = 8) -> list[str]:
     names = ["none", f"none-L{layers + 1}"]
@@ -262,18 +274,15 @@ def setup_training(name: str, args):
         sync=sync,
         end_of_forward_bytes=end_of_forward_bytes,
         batch_tokens=b * s,
+        batch=batch,
     )
 
 
-def run_config(name: str, args) -> dict:
+def run_config(name: str, args, *, memory: bool = True, profile: bool = False) -> dict:
+    """One configuration-round: build, `--warmup` steps, `--steps` timed steps, then optionally one
+    untimed step splitting the memory peak and one profiled step; the model is freed on return."""
     t = setup_training(name, args)
     kind, depth, cuda, metrics, optimizer = t.kind, t.depth, t.cuda, t.metrics, t.optimizer
-    step_once, sync, end_of_forward_bytes, num_params = (
-        t.step_once,
-        t.sync,
-        t.end_of_forward_bytes,
-        t.num_params,
-    )
     b, s = args.micro_batch, args.seq
     times_s, lm_losses = [], []
     for step in range(args.warmup + args.steps):
@@ -281,90 +290,122 @@ def run_config(name: str, args) -> dict:
             torch.cuda.reset_peak_memory_stats()  # Adam's states exist from the first step on
         if metrics is not None:
             metrics.reset()
-        sync()
+        t.sync()
         t0 = time.perf_counter()
-        losses = step_once()
+        losses = t.step_once()
         ok, grad_norm, _ = optimizer.step()
-        sync()
+        t.sync()
         if step >= args.warmup:
             times_s.append(time.perf_counter() - t0)
-        lm = losses[0]["lm loss"]
-        lm_losses.append(float(lm[0] / lm[1]))
+        lm_losses.append(losses[0]["lm loss"])
     mem = {}
     if cuda:
-        # One more, untimed step with the peaks split between forward+backward and the optimizer.
         mem["peak_mem_gib"] = torch.cuda.max_memory_allocated() / GIB
+    if cuda and memory:
+        # One more, untimed step with the peaks split between forward+backward and the optimizer.
         if metrics is not None:
             metrics.reset()
-        sync()
+        t.sync()
         before_step = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        step_once()
-        sync()
+        t.step_once()
+        t.sync()
         mem["fwd_bwd_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
-        mem["kept_after_forward_gib"] = (end_of_forward_bytes[-1] - before_step) / GIB
+        mem["kept_after_forward_gib"] = (t.end_of_forward_bytes[-1] - before_step) / GIB
         torch.cuda.reset_peak_memory_stats()
         optimizer.step()
-        sync()
+        t.sync()
         mem["optimizer_peak_gib"] = torch.cuda.max_memory_allocated() / GIB
         mem["resident_gib"] = before_step / GIB
-    profile = _profile_step(t) if cuda and name in args.profile.split(",") else None
+    prof = _profile_step(t) if profile else None
+    median_s = statistics.median(times_s)
     result = {
         "name": name,
         "impl": name.split("-D")[0],
         "D": depth,
-        "ms": 1e3 * statistics.median(times_s),
+        "ms": 1e3 * median_s,
         "ms_min": 1e3 * min(times_s),
         "peak_gib": mem.get("peak_mem_gib"),
         "kind": kind,
-        "depths": depth,
         "num_layers": num_layers_of(name, args.layers),
         "loss_chunk_tokens": args.chunk_tokens if kind in ("chunked", "fused") else 0,
-        "num_params": num_params,
-        "step_ms_median": 1e3 * statistics.median(times_s),
-        "step_ms": [1e3 * t for t in times_s],
-        "tokens_per_s": b * s / statistics.median(times_s),
-        "peak_mem_gib": mem.get("peak_mem_gib"),
+        "num_params": t.num_params,
+        "step_ms": [1e3 * x for x in times_s],
+        "tokens_per_s": b * s / median_s,
         **mem,
-        "lm_loss_first_last": [lm_losses[0], lm_losses[-1]],
+        "lm_loss_first_last": [float(lm[0] / lm[1]) for lm in (lm_losses[0], lm_losses[-1])],
         "last_update_ok": bool(ok),
         "last_grad_norm": None if grad_norm is None else float(grad_norm),
     }
     if metrics is not None:
         result["mtp_losses_last"] = [metrics.reduce()[f"mtp_{k} loss"] for k in range(1, depth + 1)]
-    if profile is not None:
-        result["profile_top_kernels"] = profile
+    if prof is not None:
+        result["profile"] = prof
     return result
 
 
-def _profile_step(t, top: int = 25) -> list[dict]:
-    """One more step under torch.profiler: the CUDA kernels with the most device time (ms, calls)."""
+def _release_memory() -> float:
+    """Free what the last configuration left (in-process rounds); GiB still allocated afterwards."""
+    gc.collect()
+    if not torch.cuda.is_available():
+        return 0.0
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_allocated() / GIB
+
+
+# Host reads of device values (.item(), .tolist(), bool(tensor), data-dependent shapes) go through this op.
+_HOST_READ_OPS = ("aten::_local_scalar_dense",)
+
+
+def _profile_step(t, top: int = 25) -> dict:
+    """One more step under torch.profiler: total CUDA kernel time, kernel launches, host reads of device
+    values and stream synchronisations, and the kernels with the most device time (ms, calls)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     if t.metrics is not None:
         t.metrics.reset()
     t.sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if t.cuda else [])
+    with profile(activities=activities) as prof:
         t.step_once()
         t.optimizer.step()
-        t.sync()
-    rows = []
+    t.sync()
+    rows, host_reads, syncs = [], 0, 0
     for evt in prof.key_averages():
+        if evt.key in _HOST_READ_OPS:
+            host_reads += evt.count
+        if evt.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize"):
+            syncs += evt.count
+        if evt.device_type != DeviceType.CUDA:
+            continue  # CPU ops: their device time is their kernels', counted below
         device_us = getattr(evt, "self_device_time_total", None) or getattr(evt, "self_cuda_time_total", 0)
         if device_us > 0:
             rows.append({"kernel": evt.key[:120], "ms": device_us / 1e3, "calls": evt.count})
     rows.sort(key=lambda r: -r["ms"])
-    total = sum(r["ms"] for r in rows)
-    return [{"kernel": "(all kernels)", "ms": total, "calls": sum(r["calls"] for r in rows)}] + rows[:top]
+    return {
+        "kernel_ms": sum(r["ms"] for r in rows),
+        "kernel_launches": sum(r["calls"] for r in rows),
+        "host_reads": host_reads,
+        "stream_syncs": syncs,
+        "top_kernels": rows[:top],
+    }
 
 
 # ----------------------------------------------------------------------------------- the head alone
 
 
 def _cuda_ms(fn, reps: int = 20, warmup: int = 3) -> tuple[float, float]:
-    """(median, min) milliseconds of `fn()` over `reps` runs, timed with CUDA events."""
+    """(median, min) milliseconds of `fn()` over `reps` runs, timed with CUDA events (host clock on CPU)."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():  # the CPU smoke run of the script
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times), min(times)
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -378,7 +419,7 @@ def _cuda_ms(fn, reps: int = 20, warmup: int = 3) -> tuple[float, float]:
 
 def time_head(args) -> dict:
     """The head's three GEMMs alone, and head + CE forward + backward alone per implementation."""
-    from mtp_plugin.core import linear_cross_entropy
+    from mtp_plugin.core import linear_cross_entropy, linear_cross_entropy_per_token
 
     n, h, v = args.micro_batch * args.seq, args.hidden, args.vocab
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
@@ -396,6 +437,19 @@ def time_head(args) -> dict:
     out["gemm_ms"] = {name: _cuda_ms(fn)[0] for name, fn in gemms.items()}
     out["three_gemms_ms"] = sum(out["gemm_ms"].values())
     out["three_gemms_tflops"] = out["gemm_tflop"] / out["three_gemms_ms"] * 1e3
+    # eh_proj ([emb; h] 2h -> h), forward and its two backward products: with the head's three GEMMs,
+    # the matrix work a depth adds beyond one more trunk layer (issue 24's bound is 1.5x their time).
+    x2h = torch.randn(n, 2 * h, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w_eh = (0.02 * torch.randn(h, 2 * h, device="cuda", generator=gen)).to(torch.bfloat16)
+    dy = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=gen)
+    eh = {
+        "y = x @ W_eh^T": lambda: x2h @ w_eh.t(),
+        "grad_x = dy @ W_eh": lambda: dy @ w_eh,
+        "grad_W_eh = dy^T @ x": lambda: dy.t() @ x2h,
+    }
+    out["eh_proj_gemm_ms"] = {name: _cuda_ms(fn)[0] for name, fn in eh.items()}
+    out["eh_proj_three_gemms_ms"] = sum(out["eh_proj_gemm_ms"].values())
+    x2h = w_eh = dy = None
     dlogits = None  # 0.8 GiB: free it before the head + loss timings
 
     def head_and_loss(chunk_tokens, kernel):
@@ -407,17 +461,30 @@ def time_head(args) -> dict:
 
         return fn
 
+    def main_head_per_token(chunk_tokens):
+        def fn():
+            hh = hidden.detach().requires_grad_()
+            ww = weight.detach().requires_grad_()
+            loss_n = linear_cross_entropy_per_token(
+                hh, ww, targets, chunk_tokens=chunk_tokens, kernel="triton"
+            )
+            (loss_n * mask).sum().backward()
+
+        return fn
+
     out["head_and_loss"] = {}
-    for label, chunk, kernel in [
-        ("plain (full logits, autograd)", 0, "torch"),
-        (f"chunked torch ops ({args.chunk_tokens} tok)", args.chunk_tokens, "torch"),
-        (f"fused triton ({args.chunk_tokens} tok)", args.chunk_tokens, "triton"),
-        (f"fused triton ({n} tok, one chunk)", n, "triton"),
+    for label, fn in [
+        ("plain (full logits, autograd)", head_and_loss(0, "torch")),
+        (f"fused triton ({args.chunk_tokens} tok)", head_and_loss(args.chunk_tokens, "triton")),
+        (
+            f"main head per token, fused, recomputed ({args.chunk_tokens} tok)",
+            main_head_per_token(args.chunk_tokens),
+        ),
     ]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        ms, ms_min = _cuda_ms(head_and_loss(chunk, kernel), reps=10)
+        ms, ms_min = _cuda_ms(fn, reps=10)
         out["head_and_loss"][label] = {
             "ms": ms,
             "ms_min": ms_min,
@@ -471,79 +538,321 @@ def run_child(cmd: list[str], timeout: float) -> tuple[dict | None, dict]:
     return None, {"error": error, "log_tail": tail}
 
 
-def _run_isolated(name: str, args) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, *_shape_args(args)]
+def _run_isolated(name: str, args, *, memory: bool, profile: bool) -> dict:
+    flags = (["--child-memory"] if memory else []) + (["--child-profile"] if profile else [])
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, *flags, *_shape_args(args)]
     result, failure = run_child(cmd, args.config_timeout)
     return result if result is not None else {"name": name, **failure}
 
 
-def format_table(results: list[dict]) -> str:
-    base = next((r for r in results if r["name"] == "none" and "error" not in r), None)
-    lines = [
-        "| config | loss path | step ms (median) | min | vs no MTP | peak GiB | Δ peak | fwd+bwd peak GiB "
-        "| optimizer peak GiB | kept after fwd GiB | Δ kept |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+def run_rounds(names: list[str], args, start: float) -> dict[str, list[dict]]:
+    """`--rounds` interleaved rounds (A B C, B C A, C A B, ...: each round starts one configuration later,
+    so none always follows the same neighbour); memory is split in the first round, one step profiled
+    in the last. Each configuration-round builds its model afresh and warms up before it is timed."""
+    per_config: dict[str, list[dict]] = {name: [] for name in names}
+    for rnd in range(args.rounds):
+        order = names[rnd % len(names) :] + names[: rnd % len(names)]
+        for name in order:
+            if time.monotonic() - start > args.budget_s:
+                per_config[name].append({"name": name, "round": rnd, "error": "skipped (time budget)"})
+                continue
+            memory, profile = rnd == 0, rnd == args.rounds - 1
+            t0 = time.monotonic()
+            if args.isolated:
+                r = _run_isolated(name, args, memory=memory, profile=profile)
+            else:
+                try:
+                    r = run_config(name, args, memory=memory, profile=profile)
+                except torch.OutOfMemoryError:
+                    r = {"name": name, "error": "out of memory"}
+                r["left_allocated_gib"] = _release_memory()
+            r["round"] = rnd
+            per_config[name].append(r)
+            # What has run so far survives a kill at the device call's time limit.
+            args.out.with_suffix(".partial.json").write_text(json.dumps(per_config, default=str))
+            brief = (
+                r.get("error") or f"{r['ms']:.1f} ms (min {r['ms_min']:.1f}), peak {r.get('peak_gib')} GiB"
+            )
+            print(
+                f"[round {rnd + 1}/{args.rounds}, {time.monotonic() - t0:5.1f} s] {name}: {brief}", flush=True
+            )
+    return per_config
+
+
+def summarize(name: str, rounds: list[dict]) -> dict:
+    """Per configuration: the median over rounds of each round's median step, the rounds' spread
+    ((max - min) / median of the round medians), memory from the first round, the profiled step."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return {"name": name, "error": rounds[0].get("error", "no round ran") if rounds else "not run"}
+    medians = [r["ms"] for r in ok]
+    med = statistics.median(medians)
+    first = ok[0]
+    prof = next((r["profile"] for r in ok if "profile" in r), None)
+    out = {
+        "name": name,
+        "kind": first["kind"],
+        "D": first["D"],
+        "ms": med,
+        "round_ms": medians,
+        "spread": (max(medians) - min(medians)) / med,
+        "ms_min": min(r["ms_min"] for r in ok),
+        "peak_gib": first.get("peak_gib"),
+        "rounds_run": len(ok),
+    }
+    for key in ("fwd_bwd_peak_gib", "optimizer_peak_gib", "kept_after_forward_gib", "resident_gib"):
+        out[key] = first.get(key)
+    if prof is not None:
+        out["kernel_ms"] = prof["kernel_ms"]
+        out["kernel_share"] = prof["kernel_ms"] / med
+        out["kernel_launches"] = prof["kernel_launches"]
+        out["host_reads"] = prof["host_reads"]
+    return out
+
+
+def _paired_ratios(per_config: dict[str, list[dict]], name: str, ref: str) -> list[float]:
+    """name / ref step medians of the rounds both ran (paired by round: same machine state)."""
+    ref_by_round = {r["round"]: r["ms"] for r in per_config.get(ref, []) if "error" not in r}
+    return [
+        r["ms"] / ref_by_round[r["round"]]
+        for r in per_config.get(name, [])
+        if "error" not in r and r["round"] in ref_by_round
     ]
 
-    def delta(r, key, fmt="{:+.2f}"):
-        if base is None or r is base or r.get(key) is None or base.get(key) is None:
-            return ""
-        return fmt.format(r[key] - base[key])
 
-    def val(r, key):
-        return "n/a" if r.get(key) is None else f"{r[key]:.2f}"
-
-    for r in results:
-        kind, _ = parse_name(r["name"])
-        path = {
-            "none": "-",
-            "native": "native (full logits)",
-            "plugin": "plugin plain (full logits)",
-            "chunked": f"plugin chunked, torch ops ({r.get('loss_chunk_tokens', '?')} tok)",
-            "fused": f"plugin fused, triton ({r.get('loss_chunk_tokens', '?')} tok)",
-        }[kind]
+def format_table(summary: list[dict]) -> str:
+    lines = [
+        "| config | step ms (median of rounds) | round medians | spread | GPU kernel ms | kernel share "
+        "| kernels | host reads | peak GiB | vs native |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by_name = {r["name"]: r for r in summary}
+    for r in summary:
         if "error" in r:
-            lines.append(f"| {r['name']} | {path} | {r['error']} | | | | | | | | |")
+            lines.append(f"| {r['name']} | {r['error']} | | | | | | | | |")
             continue
-        ms = r["step_ms_median"]
-        rel = f"{100 * (ms / base['step_ms_median'] - 1):+.1f}%" if base and r is not base else ""
+        native = by_name.get(f"native-D{r['D']}")
+        vs = ""
+        if r["kind"] != "native" and native and "error" not in native and r["D"]:
+            vs = f"{r['ms'] / native['ms']:.3f}x"
+
+        def num(key, fmt, r=r):
+            return "n/a" if r.get(key) is None else fmt.format(r[key])
+
         lines.append(
-            f"| {r['name']} | {path} | {ms:.1f} | {r['ms_min']:.1f} | {rel} | {val(r, 'peak_mem_gib')} | "
-            f"{delta(r, 'peak_mem_gib')} | {val(r, 'fwd_bwd_peak_gib')} | {val(r, 'optimizer_peak_gib')} | "
-            f"{val(r, 'kept_after_forward_gib')} | {delta(r, 'kept_after_forward_gib')} |"
+            f"| {r['name']} | {r['ms']:.1f} | {' / '.join(f'{m:.1f}' for m in r['round_ms'])} | "
+            f"{100 * r['spread']:.1f}% | {num('kernel_ms', '{:.1f}')} | {num('kernel_share', '{:.0%}')} | "
+            f"{num('kernel_launches', '{}')} | {num('host_reads', '{}')} | {num('peak_gib', '{:.2f}')} | {vs} |"
         )
     return "\n".join(lines)
 
 
-def target_checks(results: list[dict], head: dict | None, impl: str = "fused") -> list[str]:
-    """Issue 14's targets, one line each: step <= 0.95x native, D1 - none-L9 <= 1.5x GEMMs, peak."""
-    ok = {r["name"]: r for r in results if "error" not in r}
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
+def target_checks(summary: list[dict], per_config, head: dict | None, args, impl: str = "fused") -> list[str]:
+    """Issue 24's targets, one met/missed line each (step ratio, depth cost, memory, GPU-bound share)."""
+    ok = {r["name"]: r for r in summary if "error" not in r}
+    limit = STEP_TARGET.get(args.shape, 0.95)
     lines = []
     for name, r in ok.items():
-        if r["kind"] != impl or f"native-D{r['D']}" not in ok:
+        native = ok.get(f"native-D{r['D']}")
+        if r["kind"] != impl or native is None:
             continue
-        native = ok[f"native-D{r['D']}"]
         ratio = r["ms"] / native["ms"]
+        paired = _paired_ratios(per_config, name, native["name"])
         lines.append(
-            f"{name}: step {r['ms']:.1f} ms = {ratio:.3f}x native {native['ms']:.1f} (target <= 0.95x: "
-            f"{'met' if ratio <= 0.95 else 'missed'}); peak {r['peak_gib']:.2f} GiB vs native "
-            f"{native['peak_gib']:.2f} - 1.3 x {r['D']} = {native['peak_gib'] - 1.3 * r['D']:.2f} "
-            f"({'met' if r['peak_gib'] <= native['peak_gib'] - 1.3 * r['D'] else 'missed'})"
+            f"[{args.shape}] {name} / native-D{r['D']}: {r['ms']:.1f} / {native['ms']:.1f} ms = {ratio:.3f}x "
+            f"(per round {', '.join(f'{x:.3f}' for x in paired)}; spreads {100 * r['spread']:.1f}% / "
+            f"{100 * native['spread']:.1f}%) target <= {limit:.2f}x: {_met(ratio <= limit)}"
         )
+        if r.get("peak_gib") is not None and native.get("peak_gib") is not None:
+            bound = native["peak_gib"] - 1.3 * r["D"]
+            lines.append(
+                f"[{args.shape}] {name} peak {r['peak_gib']:.2f} GiB <= native {native['peak_gib']:.2f} - 1.3 x "
+                f"{r['D']} = {bound:.2f}: {_met(r['peak_gib'] <= bound)}"
+            )
     deeper = next((r for n, r in ok.items() if n.startswith("none-L")), None)
     d1 = ok.get(f"{impl}-D1")
-    if head is not None and deeper is not None and d1 is not None:
-        extra, bound = d1["ms"] - deeper["ms"], 1.5 * head["three_gemms_ms"]
+    if (
+        head is not None
+        and deeper is not None
+        and d1 is not None
+        and "kernel_ms" in d1
+        and "kernel_ms" in deeper
+    ):
+        gemms = head["three_gemms_ms"] + head["eh_proj_three_gemms_ms"]
+        extra = d1["kernel_ms"] - deeper["kernel_ms"]
         lines.append(
-            f"{impl}-D1 - {deeper['name']} = {extra:.1f} ms vs 1.5 x the head's three GEMMs "
-            f"({head['three_gemms_ms']:.2f} ms) = {bound:.1f} ms: {'met' if extra <= bound else 'missed'}"
+            f"[{args.shape}] {impl}-D1 - {deeper['name']} GPU kernel time {d1['kernel_ms']:.1f} - "
+            f"{deeper['kernel_ms']:.1f} = {extra:.1f} ms vs 1.5 x (head's three GEMMs {head['three_gemms_ms']:.2f} "
+            f"+ eh_proj's {head['eh_proj_three_gemms_ms']:.2f} ms) = {1.5 * gemms:.1f} ms: {_met(extra <= 1.5 * gemms)} "
+            f"(step time: {d1['ms'] - deeper['ms']:+.1f} ms)"
         )
+    if args.shape == "gpu-bound":
+        for name, r in ok.items():
+            if "kernel_share" in r:
+                lines.append(
+                    f"[{args.shape}] {name}: GPU kernel time {r['kernel_ms']:.1f} ms = {r['kernel_share']:.0%} of "
+                    f"the step (GPU-bound: >= {GPU_BOUND_SHARE:.0%}): {_met(r['kernel_share'] >= GPU_BOUND_SHARE)}"
+                )
     return lines
+
+
+# ----------------------------------------------------------------------------------- one depth's parts
+
+
+def _fwd_bwd_ms(fn, reps: int) -> float:
+    """CUDA-event median of fn() + backward of its output (a scalar, or summed against a fixed gradient)."""
+    grad = {}
+
+    def step():
+        out = fn()
+        if out.dim() == 0:
+            out.backward()
+            return
+        if "g" not in grad:
+            grad["g"] = torch.randn_like(out)
+        out.backward(grad["g"])
+
+    return _cuda_ms(step, reps=reps, warmup=2)[0]
+
+
+def _depth_parts(t, args) -> dict:
+    """fwd + bwd of each part of depth 1, alone, on this model's own modules (CUDA events, median)."""
+    from mtp_plugin.core import (
+        depth_targets,
+        linear_cross_entropy,
+        linear_cross_entropy_per_token,
+        shift_left,
+    )
+
+    model, batch, reps = t.model, t.batch, args.breakdown_reps
+    s, b, h = args.seq, args.micro_batch, args.hidden
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    ids, labels, mask, pos = batch["tokens"], batch["labels"], batch["loss_mask"], batch["position_ids"]
+    if t.kind == "native":
+        layer = model.mtp.layers[0]
+        inner = getattr(layer, "mtp_model_layer", None) or layer.transformer_layer
+        enorm, hnorm, final_norm = layer.enorm, layer.hnorm, layer.final_layernorm
+
+        def eh_proj(x):
+            return layer.eh_proj(x)[0]
+    else:
+        depth = model.mtp_stack.depths[0]
+        inner, enorm, hnorm, final_norm, eh_proj = (
+            depth.block.layer,
+            depth.enorm,
+            depth.hnorm,
+            depth.final_norm,
+            depth.eh_proj,
+        )
+
+    def leaf(*shape):
+        return torch.randn(*shape, device=ids.device, dtype=dtype).requires_grad_()
+
+    h_prev, emb, x_h, h_final = leaf(s, b, h), leaf(s, b, h), leaf(s, b, h), leaf(s, b, h)
+    rope = model.rotary_pos_emb(s)
+    weight = model.output_layer.weight
+    labels_sb, mask_sb = labels.t(), mask.t().bool()
+    parts = {}
+    if t.kind == "native":
+        from megatron.core.transformer.multi_token_prediction import roll_tensor
+
+        def shifts():  # what one native depth rolls: its input ids and positions, then labels and mask
+            for x in (ids, pos, labels, mask):
+                roll_tensor(x, shifts=-1, dims=-1)
+
+        def head_and_loss():
+            logits, _ = model.output_layer(h_final)
+            return (model.compute_language_model_loss(labels, logits) * mask).sum()
+
+        main_head = head_and_loss
+    else:
+
+        def shifts():
+            depth_targets(ids, labels, mask, 1, eod_id=model.eod_id)
+            shift_left(ids, 1)
+            shift_left(pos, 1)
+
+        def head_and_loss():
+            return linear_cross_entropy(
+                h_final,
+                weight,
+                labels_sb,
+                mask_sb,
+                chunk_tokens=args.chunk_tokens,
+                kernel=model.loss_kernel,
+                check=False,
+            ).loss_sum
+
+        def main_head():
+            loss_sb = linear_cross_entropy_per_token(
+                h_final, weight, labels_sb, chunk_tokens=args.chunk_tokens, kernel=model.loss_kernel
+            )
+            return (loss_sb * mask_sb).sum()
+
+    parts["roll / shift of ids, positions, labels, mask"] = _cuda_ms(shifts, reps=reps, warmup=2)[0]
+    parts["embedding of the shifted ids"] = _fwd_bwd_ms(
+        lambda: model.embedding(input_ids=ids, position_ids=pos), reps
+    )
+    parts["enorm + hnorm + concat + eh_proj"] = _fwd_bwd_ms(
+        lambda: eh_proj(torch.cat([enorm(emb), hnorm(h_prev)], dim=-1)), reps
+    )
+    parts["the depth's transformer layer"] = _fwd_bwd_ms(
+        lambda: inner(hidden_states=x_h, attention_mask=None, rotary_pos_emb=rope)[0], reps
+    )
+    parts["final norm"] = _fwd_bwd_ms(lambda: final_norm(x_h), reps)
+    parts["head + loss (the depth's)"] = _fwd_bwd_ms(head_and_loss, reps)
+    parts["main head + loss"] = _fwd_bwd_ms(main_head, reps)
+    if t.kind == "native":
+        # GPTModel concatenates [h; h^1] after the MTP block and chunks it again before the losses.
+        parts["concat [h; h^1] + chunk"] = _fwd_bwd_ms(
+            lambda: torch.chunk(torch.cat([h_prev, x_h]), 2)[1], reps
+        )
+    return parts
+
+
+def breakdown(args) -> dict:
+    """native-D1 and fused-D1: each depth part alone, plus the profiled step's host reads and launches."""
+    out = {}
+    for name in ("native-D1", "fused-D1" if torch.cuda.is_available() else "chunked-D1"):
+        t = setup_training(name, args)
+        for _ in range(2):  # allocator, cuBLAS and Triton warm
+            if t.metrics is not None:
+                t.metrics.reset()
+            t.step_once()
+            t.optimizer.step()
+        t.sync()
+        try:
+            out[name] = _depth_parts(t, args)
+        except Exception as err:  # noqa: BLE001  (report it; the rounds' numbers stand without it)
+            out[name] = {"error": f"{type(err).__name__}: {err}"}
+        del t
+        _release_memory()
+        print(f"breakdown {name}: {json.dumps(out[name])}", flush=True)
+    return out
+
+
+def format_breakdown(parts: dict) -> str:
+    names = list(parts)
+    keys = list(dict.fromkeys(k for n in names for k in parts[n] if k != "error"))
+    lines = ["| part of depth 1 (fwd + bwd, alone) | " + " | ".join(f"{n} ms" for n in names) + " |"]
+    lines.append("|---|" + "---|" * len(names))
+    for key in keys:
+        cells = [f"{parts[n][key]:.2f}" if key in parts[n] else "-" for n in names]
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    for n in names:
+        if "error" in parts[n]:
+            lines.append(f"| ({n} failed: {parts[n]['error'][:100]}) |" + " |" * len(names))
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark shape and run options (bench_meter.py extends it)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="bench", help="preset of the size flags below")
     p.add_argument("--out", type=Path, default=Path("bench_mtp.json"), help="JSON results")
     p.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
     p.add_argument("--depths", default="1,2,3")
@@ -567,50 +876,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (bench_meter.py)")
     p.add_argument("--config-timeout", type=float, default=120.0, help="seconds per configuration")
     p.add_argument("--budget-s", type=float, default=1e9, help="skip configurations started after this")
-    p.add_argument("--in-process", action="store_true", help="run every configuration in this process")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the configurations")
+    p.add_argument(
+        "--isolated",
+        action="store_true",
+        help="each configuration-round in a fresh process (default: this process, a warm-up per round)",
+    )
+    p.add_argument("--breakdown", action="store_true", help="time one depth's parts, native vs fused (CUDA)")
+    p.add_argument("--breakdown-reps", type=int, default=10)
     p.add_argument("--profile", default="", help="comma-separated configurations to profile one step of")
     p.add_argument("--no-head", action="store_true", help="skip timing the head alone (CUDA)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child-profile", action="store_true", help=argparse.SUPPRESS)
     return p
+
+
+def parse_args(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse with `--shape`'s sizes as defaults (explicit size flags still win)."""
+    shape = p.parse_known_args(argv)[0].shape
+    p.set_defaults(**SHAPES[shape])
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     p = build_parser()
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
 
     if args.only:
         if not torch.cuda.is_available():
             from mtp_plugin.train.cpu import enable_megatron_on_cpu
 
             enable_megatron_on_cpu()  # a CPU smoke run of the script (tiny shapes)
-        print("RESULT " + json.dumps(run_config(args.only, args)), flush=True)
+        result = run_config(args.only, args, memory=args.child_memory, profile=args.child_profile)
+        print("RESULT " + json.dumps(result), flush=True)
         torch.distributed.destroy_process_group()
         return 0
 
     names = config_names([int(d) for d in args.depths.split(",") if d], args.layers)
     if args.configs:
         wanted = args.configs.split(",")
-        names = [n for n in names if n in wanted]
+        names = [n for n in names if n in wanted] + [
+            n for n in wanted if n not in names and n.startswith("none-L")
+        ]
+    if not args.isolated and not torch.cuda.is_available():
+        from mtp_plugin.train.cpu import enable_megatron_on_cpu
+
+        enable_megatron_on_cpu()  # a CPU smoke run of the script (tiny shapes)
     start = time.monotonic()
     head = None
     if torch.cuda.is_available() and not args.no_head:
-        head = time_head(args)
-        print(f"head alone: {json.dumps(head, indent=1)}", flush=True)
-        torch.cuda.empty_cache()
-    results = []
-    for name in names:
-        if time.monotonic() - start > args.budget_s:
-            results.append({"name": name, "error": "skipped (time budget)"})
-            continue
-        t0 = time.monotonic()
-        r = run_config(name, args) if args.in_process else _run_isolated(name, args)
-        results.append(r)
-        brief = r.get("error") or f"{r['step_ms_median']:.1f} ms, peak {r['peak_mem_gib']} GiB"
-        print(f"[{time.monotonic() - t0:5.1f} s] {name}: {brief}", flush=True)
+        try:
+            head = time_head(args)
+            print(f"head alone: {json.dumps(head, indent=1)}", flush=True)
+        except Exception as err:  # noqa: BLE001  (the rounds stand without it; the error is reported)
+            print(f"head alone failed: {type(err).__name__}: {err}", flush=True)
+        _release_memory()
+    per_config = run_rounds(names, args, start)
+    summary = [summarize(name, per_config[name]) for name in names]
+    parts = breakdown(args) if args.breakdown else None
 
     env = {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
+        "shape": args.shape,
+        "mode": "a fresh process per configuration-round"
+        if args.isolated
+        else "one process, a warm-up per round",
     }
     try:
         import megatron.core
@@ -618,13 +950,25 @@ def main(argv=None) -> int:
         env["megatron_core"] = megatron.core.__version__
     except ImportError:
         pass
-    table = format_table(results)
-    checks = target_checks(results, head)
-    print(f"\n{env}\n\n{table}\n\n" + "\n".join(checks))
-    record = {"env": env, "args": vars(args), "head": head, "targets": checks, "results": results}
+    table = format_table(summary)
+    checks = target_checks(summary, per_config, head, args)
+    text = f"{env}\n\n{table}\n"
+    if parts is not None:
+        text += "\n" + format_breakdown(parts) + "\n"
+    text += "\n" + "\n".join(checks)
+    print("\n" + text)
+    record = {
+        "env": env,
+        "args": vars(args),
+        "head": head,
+        "targets": checks,
+        "summary": summary,
+        "breakdown": parts,
+        "rounds": per_config,
+    }
     args.out.write_text(json.dumps(record, indent=1, default=str))
     if args.table:
-        args.table.write_text(f"{env}\n\n{table}\n\n" + "\n".join(f"- {c}" for c in checks) + "\n")
+        args.table.write_text(text + "\n")
     return 0
 
 

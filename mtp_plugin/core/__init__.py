@@ -6,7 +6,9 @@ Nothing here imports Megatron, DeepSpeed or Hydra.
 from mtp_plugin.core.cross_entropy import (
     DEFAULT_LOSS_CHUNK_TOKENS,
     CrossEntropyStats,
+    check_labels,
     linear_cross_entropy,
+    linear_cross_entropy_per_token,
     linear_cross_entropy_plain,
 )
 from mtp_plugin.core.loss import (
@@ -45,12 +47,14 @@ __all__ = [
     "all_depth_targets",
     "build_mtp_stack",
     "chain_accept_length",
+    "check_labels",
     "deepseek_v3_lambda",
     "default_depth_weights",
     "depth_count_rows",
     "depth_targets",
     "eod_valid_mask",
     "linear_cross_entropy",
+    "linear_cross_entropy_per_token",
     "linear_cross_entropy_plain",
     "multi_token_loss",
     "rms_norm_factory",

@@ -90,11 +90,12 @@ def _flatten(hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor):
     return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), mask.reshape(-1).bool()
 
 
-def _check_targets(t_n: torch.Tensor, m_n: torch.Tensor, num_vocab: int) -> None:
+def check_labels(t_n: torch.Tensor, m_n: torch.Tensor, num_vocab: int) -> None:
     """ValueError naming the first counted label outside [0, num_vocab).
 
-    One reduction and one host read per call (not per chunk); every tensor-parallel rank holds the same
-    labels, so all ranks raise together before any collective.
+    One reduction and one host read per call (not per chunk): the only host synchronisation of the
+    loss. A caller scoring several heads of one batch checks once (`check=False` on the others); every
+    tensor-parallel rank holds the same labels, so all ranks raise together before any collective.
     """
     bad_n = m_n & ((t_n < 0) | (t_n >= num_vocab))
     if bool(bad_n.any()):
@@ -139,10 +140,12 @@ def linear_cross_entropy_plain(
     *,
     vocab_start: int = 0,
     tp_group=None,
+    check: bool = True,
 ) -> CrossEntropyStats:
     """Reference path: full logits, autograd through everything (conventions: module docstring)."""
     h_nh, t_n, m_n = _flatten(hidden, targets, mask)
-    _check_targets(t_n, m_n, _num_vocab(weight_vh, tp_group))
+    if check:
+        check_labels(t_n, m_n, _num_vocab(weight_vh, tp_group))
     logits_nv = torch.nn.functional.linear(h_nh, weight_vh.to(h_nh.dtype)).to(_compute_dtype(h_nh.dtype))
     local_t_n = t_n - vocab_start
     in_shard_n = (local_t_n >= 0) & (local_t_n < weight_vh.shape[0])
@@ -315,23 +318,140 @@ def linear_cross_entropy(
     vocab_start: int = 0,
     tp_group=None,
     kernel: str = "auto",
+    check: bool = True,
 ) -> CrossEntropyStats:
     """Σ CE(hidden @ weightᵀ, targets) over valid targets; `chunk_tokens > 0` takes the chunked path.
 
     Both paths follow the module docstring's conventions (dtypes, label range, argmax acceptance).
     `kernel` picks the chunked path's softmax work: "triton" (CUDA: in place on the head GEMM's output,
     fused_ce_triton.py), "torch" (any device: fp32 torch ops, the reference), "auto" (triton on CUDA).
+    `check=False` skips the label-range check (one host sync) for a caller that ran `check_labels` on
+    labels covering these.
     """
     if chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be >= 0 (0 = plain path), got {chunk_tokens}")
     if chunk_tokens == 0:
         return linear_cross_entropy_plain(
-            hidden, weight_vh, targets, mask, vocab_start=vocab_start, tp_group=tp_group
+            hidden, weight_vh, targets, mask, vocab_start=vocab_start, tp_group=tp_group, check=check
         )
     fused = _fused_kernels(kernel, hidden.device)
     h_nh, t_n, m_n = _flatten(hidden, targets, mask)
-    _check_targets(t_n, m_n, _num_vocab(weight_vh, tp_group))
+    if check:
+        check_labels(t_n, m_n, _num_vocab(weight_vh, tp_group))
     loss_sum, num_tokens, num_correct, hits_n = _ChunkedLinearCrossEntropy.apply(
         h_nh, weight_vh, t_n, m_n, chunk_tokens, vocab_start, tp_group, fused
     )
     return CrossEntropyStats(loss_sum, num_tokens, num_correct, hits_n)
+
+
+def _chunk_lse_and_target(fused, logits_cv, local_t_c, tp_group):
+    """(log Σ exp, target logit) per row of a [chunk x vocab-shard] logits block, fp32, over the whole
+    vocabulary (all-reduced over `tp_group`); a label outside this shard contributes target logit 0 here."""
+    num_vocab_local = logits_cv.shape[1]
+    in_shard_c = (local_t_c >= 0) & (local_t_c < num_vocab_local)
+    safe_t_c = local_t_c.clamp(0, num_vocab_local - 1)
+    target_logit_c = logits_cv.gather(1, safe_t_c[:, None])[:, 0].to(_compute_dtype(logits_cv.dtype))
+    target_logit_c = target_logit_c * in_shard_c
+    if fused is not None:
+        local_max_c, _, local_sumexp_c = fused.row_stats(logits_cv)
+    else:
+        logits_f = logits_cv.to(_compute_dtype(logits_cv.dtype))
+        local_max_c = logits_f.max(dim=-1).values
+        local_sumexp_c = torch.exp(logits_f - local_max_c[:, None]).sum(-1)
+    if tp_group is None:
+        return torch.log(local_sumexp_c) + local_max_c, target_logit_c
+    max_c = _all_reduce(local_max_c.clone(), dist.ReduceOp.MAX, tp_group)
+    partial_2c = torch.stack([local_sumexp_c * torch.exp(local_max_c - max_c), target_logit_c])
+    sumexp_c, target_logit_c = _all_reduce(partial_2c, dist.ReduceOp.SUM, tp_group)
+    return torch.log(sumexp_c) + max_c, target_logit_c
+
+
+class _ChunkedLinearCrossEntropyPerToken(torch.autograd.Function):
+    """Per-token CE whose backward recomputes each chunk's logits (one more head GEMM than the summed
+    path) so that it is exact for any upstream gradient: the caller's loss function weighs the tokens."""
+
+    @staticmethod
+    def forward(ctx, h_nh, weight_vh, t_n, chunk_tokens, vocab_start, tp_group, fused):
+        w_vh = weight_vh.to(h_nh.dtype)
+        lse_n = torch.empty(h_nh.shape[0], dtype=_compute_dtype(h_nh.dtype), device=h_nh.device)
+        loss_n = torch.empty_like(lse_n)
+        for start in range(0, h_nh.shape[0], chunk_tokens):
+            stop = min(start + chunk_tokens, h_nh.shape[0])
+            lse_c, target_logit_c = _chunk_lse_and_target(
+                fused, h_nh[start:stop] @ w_vh.t(), t_n[start:stop] - vocab_start, tp_group
+            )
+            lse_n[start:stop] = lse_c
+            loss_n[start:stop] = lse_c - target_logit_c
+        ctx.save_for_backward(h_nh, weight_vh, t_n, lse_n)
+        ctx.chunk_tokens, ctx.vocab_start, ctx.fused = chunk_tokens, vocab_start, fused
+        return loss_n
+
+    @staticmethod
+    def backward(ctx, grad_loss_n):
+        h_nh, weight_vh, t_n, lse_n = ctx.saved_tensors
+        w_vh = weight_vh.to(h_nh.dtype)
+        num_vocab_local = w_vh.shape[0]
+        grad_h_nh = torch.empty_like(h_nh) if ctx.needs_input_grad[0] else None
+        grad_w_vh = (
+            torch.zeros(weight_vh.shape, dtype=lse_n.dtype, device=weight_vh.device)
+            if ctx.needs_input_grad[1]
+            else None
+        )
+        grad_loss_n = grad_loss_n.to(lse_n.dtype)
+        for start in range(0, h_nh.shape[0], ctx.chunk_tokens):
+            stop = min(start + ctx.chunk_tokens, h_nh.shape[0])
+            h_ch = h_nh[start:stop]
+            logits_cv = h_ch @ w_vh.t()
+            local_t_c = t_n[start:stop] - ctx.vocab_start
+            onehot_col_c = torch.where((local_t_c >= 0) & (local_t_c < num_vocab_local), local_t_c, -1)
+            if ctx.fused is not None:
+                dlogits_cv = ctx.fused.softmax_grad_(
+                    logits_cv, lse_n[start:stop], grad_loss_n[start:stop], onehot_col_c
+                )
+            else:
+                # d CE_i / d logits_i = softmax_i - onehot(target_i), times the token's upstream gradient.
+                dlogits_cv = torch.exp(logits_cv.to(lse_n.dtype) - lse_n[start:stop, None])
+                rows = torch.nonzero(onehot_col_c >= 0, as_tuple=True)[0]
+                dlogits_cv[rows, onehot_col_c[rows]] -= 1.0
+                dlogits_cv = dlogits_cv.mul_(grad_loss_n[start:stop, None]).to(h_nh.dtype)
+            _accumulate_head_grads(dlogits_cv, h_ch, w_vh, grad_h_nh, grad_w_vh, start, stop)
+            logits_cv = dlogits_cv = None  # free this chunk's block before the next chunk's GEMM
+        grad_w = None if grad_w_vh is None else grad_w_vh.to(weight_vh.dtype)
+        return grad_h_nh, grad_w, None, None, None, None, None
+
+
+def linear_cross_entropy_per_token(
+    hidden: torch.Tensor,
+    weight_vh: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    chunk_tokens: int,
+    vocab_start: int = 0,
+    tp_group=None,
+    kernel: str = "auto",
+) -> torch.Tensor:
+    """CE(hidden @ weightᵀ, targets) per token, fp32, shaped like `targets`, never holding more than one
+    [chunk x vocab] block: a main head's per-token loss, as Megatron's `compute_language_model_loss`
+    returns it (every position, unmasked; a label outside the vocabulary gives log Σ exp, as there).
+
+    Labels are not range-checked here: run `check_labels` on the counted ones first. The backward
+    recomputes each chunk's logits, so any per-token weighting of the result is differentiated exactly.
+    """
+    if chunk_tokens <= 0:
+        raise ValueError(f"chunk_tokens must be > 0 for the per-token chunked loss, got {chunk_tokens}")
+    fused = _fused_kernels(kernel, hidden.device)
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)} must be targets.shape + (hidden,), targets {tuple(targets.shape)}; "
+            "transpose labels to the hidden states' layout"
+        )
+    loss_n = _ChunkedLinearCrossEntropyPerToken.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight_vh,
+        targets.reshape(-1),
+        chunk_tokens,
+        vocab_start,
+        tp_group,
+        fused,
+    )
+    return loss_n.view(targets.shape)

@@ -42,9 +42,11 @@ from mtp_plugin.config import ModelConfig, MTPConfig
 from mtp_plugin.core import (
     MTPDepth,
     MTPStack,
+    check_labels,
     depth_count_rows,
     depth_targets,
     linear_cross_entropy,
+    linear_cross_entropy_per_token,
     shift_left,
 )
 from mtp_plugin.megatron.compat import ensure_mla_without_te, ensure_moe_router_without_te
@@ -415,18 +417,34 @@ class MTPGPTModel(GPTModel):
         output_weight = (
             self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         )
-        logits, _ = self.output_layer(
-            hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output
-        )
-        if labels is None:
-            return logits.transpose(0, 1).contiguous()  # [s b V] -> [b s V], as GPTModel
-        main_loss_bs = self.compute_language_model_loss(labels, logits)
-        del logits  # free the main head's [s, b, V] before the depths are scored
+        head_weight = output_weight if output_weight is not None else self.output_layer.weight
+        if labels is not None and depth_hidden:
+            if loss_mask is None:
+                loss_mask = torch.ones_like(labels, dtype=torch.bool)
+            # Every depth's counted labels are main-head labels counted by loss_mask (shifted), so one
+            # range check (the loss's only host sync) covers all heads.
+            check_labels(
+                labels.reshape(-1), loss_mask.reshape(-1).bool(), head_weight.shape[0] * self._tp_size()
+            )
+        if labels is not None and depth_hidden and self.loss_chunk_tokens > 0:
+            # The main head on the depths' chunked path: no [s, b, V] logits, the same loss per token.
+            main_loss_sb = linear_cross_entropy_per_token(
+                self._head_input(hidden_states),
+                head_weight,
+                labels.t(),
+                **self._head_loss_kwargs(head_weight),
+            )
+            main_loss_bs = main_loss_sb.t().contiguous()  # [s b] -> [b s], as GPTModel
+        else:
+            logits, _ = self.output_layer(
+                hidden_states, weight=output_weight, runtime_gather_output=runtime_gather_output
+            )
+            if labels is None:
+                return logits.transpose(0, 1).contiguous()  # [s b V] -> [b s V], as GPTModel
+            main_loss_bs = self.compute_language_model_loss(labels, logits)
+            del logits  # free the main head's [s, b, V] before the depths are scored
         if not depth_hidden:
             return main_loss_bs
-        head_weight = output_weight if output_weight is not None else self.output_layer.weight
-        if loss_mask is None:
-            loss_mask = torch.ones_like(labels, dtype=torch.bool)
         sums, counts = self._depth_losses(depth_hidden, head_weight, input_ids, labels, loss_mask)
         return main_loss_bs, sums, counts
 
@@ -436,30 +454,42 @@ class MTPGPTModel(GPTModel):
         )
         return emb.detach() if detach else emb
 
+    def _tp_size(self) -> int:
+        return self.pg_collection.tp.size()
+
+    def _head_input(self, hidden_sbh: torch.Tensor) -> torch.Tensor:
+        """The same input-side communication a ColumnParallelLinear head does."""
+        tp_group = self.pg_collection.tp
+        if self.config.sequence_parallel:
+            return gather_from_sequence_parallel_region(
+                hidden_sbh, tensor_parallel_output_grad=True, group=tp_group
+            )
+        if tp_group.size() > 1:
+            return copy_to_tensor_model_parallel_region(hidden_sbh, group=tp_group)
+        return hidden_sbh
+
+    def _head_loss_kwargs(self, head_weight: torch.Tensor) -> dict:
+        tp_group = self.pg_collection.tp
+        return dict(
+            chunk_tokens=self.loss_chunk_tokens,
+            vocab_start=tp_group.rank() * head_weight.shape[0],
+            tp_group=tp_group if tp_group.size() > 1 else None,
+            kernel=self.loss_kernel,
+        )
+
     def _depth_losses(self, depth_hidden, head_weight, input_ids, labels, loss_mask):
         if self.trunk_gradients != "joint":
             head_weight = head_weight.detach()
-        tp_group = self.pg_collection.tp
-        tp_size = tp_group.size()
         loss_sums, stats_d = [], []
         for k, hidden_sbh in enumerate(depth_hidden, start=1):
             targets = depth_targets(input_ids, labels, loss_mask, k, eod_id=self.eod_id)
-            # The same input-side communication a ColumnParallelLinear head does.
-            if self.config.sequence_parallel:
-                hidden_sbh = gather_from_sequence_parallel_region(
-                    hidden_sbh, tensor_parallel_output_grad=True, group=tp_group
-                )
-            elif tp_size > 1:
-                hidden_sbh = copy_to_tensor_model_parallel_region(hidden_sbh, group=tp_group)
             stats = linear_cross_entropy(
-                hidden_sbh,
+                self._head_input(hidden_sbh),
                 head_weight,
                 targets.labels_bs.t(),
                 targets.loss_mask_bs.t(),
-                chunk_tokens=self.loss_chunk_tokens,
-                vocab_start=tp_group.rank() * head_weight.shape[0],
-                tp_group=tp_group if tp_size > 1 else None,
-                kernel=self.loss_kernel,
+                check=False,  # _postprocess checked the labels once for every head
+                **self._head_loss_kwargs(head_weight),
             )
             loss_sums.append(stats.loss_sum)
             stats_d.append(stats)

@@ -29,7 +29,7 @@ def _vocab_parallel_worker():
 
 
 def _score(chunk_tokens: int):
-    from mtp_plugin.core import linear_cross_entropy
+    from mtp_plugin.core import linear_cross_entropy, linear_cross_entropy_per_token
 
     rank, group = torch.distributed.get_rank(), torch.distributed.group.WORLD
     logits, targets = _logits_and_targets()
@@ -54,7 +54,13 @@ def _score(chunk_tokens: int):
             )
         except ValueError as err:
             errors.append(str(err))
-    return {"loss": stats.loss_sum.item(), "correct": stats.num_correct.item(), "errors": errors}
+    out = {"loss": stats.loss_sum.item(), "correct": stats.num_correct.item(), "errors": errors}
+    if chunk_tokens:
+        # The main head's per-token path over the same shards: every rank gets the global per-token CE.
+        out["per_token"] = linear_cross_entropy_per_token(
+            logits, weight, targets, chunk_tokens=chunk_tokens, vocab_start=rank * shard, tp_group=group
+        ).tolist()
+    return out
 
 
 def test_vocab_parallel_acceptance_is_global_first_argmax():
@@ -62,6 +68,9 @@ def test_vocab_parallel_acceptance_is_global_first_argmax():
     expected_correct = int((logits.argmax(-1) == targets).sum())
     expected_loss = (torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None])[:, 0]).sum().item()
     results = run_distributed(_vocab_parallel_worker, 2, cpu_shims=False, timeout=60)
+    expected_per_token = torch.logsumexp(logits, -1) - logits.gather(1, targets[:, None])[:, 0]
+    for per_rank in results:
+        assert per_rank[5]["per_token"] == pytest.approx(expected_per_token.tolist(), rel=1e-6)
     for out in (per_rank[chunk] for per_rank in results for chunk in (0, 5)):
         assert out["correct"] == expected_correct
         assert out["loss"] == pytest.approx(expected_loss, rel=1e-6)

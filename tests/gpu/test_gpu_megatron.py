@@ -104,7 +104,7 @@ PARITY_CASES = [
 ]
 
 
-def _native_and_plugin(num_depths, num_experts, tied, *, bf16=False) -> dict:
+def _native_and_plugin(num_depths, num_experts, tied, *, bf16=False, chunk_tokens=0) -> dict:
     """Native MTP and the plugin with the same weights over the same batches: losses and gradients.
 
     bf16: every parameter of both models cast to bf16 (as Megatron-LM's Float16Module does)."""
@@ -126,7 +126,7 @@ def _native_and_plugin(num_depths, num_experts, tied, *, bf16=False) -> dict:
         share_embeddings_and_output_weights=tied,
     )
     native = build_tiny_gpt(shape).cuda()
-    plugin = _plugin_like(native.state_dict(), shape, chunk_tokens=0)
+    plugin = _plugin_like(native.state_dict(), shape, chunk_tokens=chunk_tokens)
     if bf16:
         native, plugin = native.bfloat16(), plugin.bfloat16()
     batches = _cuda_batches(shape, NUM_MICROBATCHES, MICRO_BATCH, seed=7, mask_tail=3)
@@ -169,9 +169,13 @@ def test_plugin_matches_native_mtp_on_gpu(megatron_nccl, num_depths, num_experts
 BF16_LOSS_RTOL, BF16_GRAD_RTOL = 1e-2, 5e-2
 
 
-@pytest.mark.parametrize(("num_experts", "tied"), [(None, True), (4, False)], ids=["dense-tied", "moe"])
-def test_plugin_matches_native_mtp_in_bf16(megatron_nccl, num_experts, tied):
-    out = _native_and_plugin(2, num_experts, tied, bf16=True)
+@pytest.mark.parametrize(
+    ("num_experts", "tied", "chunk_tokens"),
+    [(None, True, 0), (4, False, 0), (4, False, 37)],
+    ids=["dense-tied", "moe", "moe-fused"],  # fused: every head, the main one too, on the Triton path
+)
+def test_plugin_matches_native_mtp_in_bf16(megatron_nccl, num_experts, tied, chunk_tokens):
+    out = _native_and_plugin(2, num_experts, tied, bf16=True, chunk_tokens=chunk_tokens)
     assert out["plugin grad dtypes"] == {torch.bfloat16}
     assert out["plugin lm"] == pytest.approx(out["native lm"], rel=BF16_LOSS_RTOL)
     assert out["plugin depth"] == pytest.approx(out["native depth"], rel=BF16_LOSS_RTOL)

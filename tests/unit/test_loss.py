@@ -11,6 +11,7 @@ from mtp_plugin.core import (
     build_mtp_stack,
     default_depth_weights,
     linear_cross_entropy,
+    linear_cross_entropy_per_token,
     linear_cross_entropy_plain,
     multi_token_loss,
     weighted_depth_loss,
@@ -141,6 +142,32 @@ def test_chunked_equals_plain(chunk_tokens, dtype):
     torch.testing.assert_close(weight.grad, g_w, **tol)
     assert chunked.num_tokens.item() == plain.num_tokens.item() == int(mask.sum())
     assert chunked.num_correct.item() == plain.num_correct.item()
+
+
+@pytest.mark.parametrize("chunk_tokens", [5, 16])
+def test_per_token_matches_full_logits_for_any_upstream_gradient(chunk_tokens):
+    """The main head's per-token path: Megatron's per-token CE (a label outside the vocabulary gives
+    log-sum-exp) and, through its recomputing backward, the exact gradient of any weighting of the tokens."""
+    torch.manual_seed(3)
+    n, h, v = 16, 12, 37
+    hidden = torch.randn(2, n // 2, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (2, n // 2))
+    targets[0, 3] = -100  # an ignore index at a masked position
+    upstream = torch.randn(2, n // 2, dtype=torch.float64)  # not proportional to any mask
+    logits = hidden @ weight.t()
+    picked = logits.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * (targets >= 0)
+    expected = torch.logsumexp(logits, -1) - picked
+    (expected * upstream).sum().backward()
+    g_h, g_w = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    loss = linear_cross_entropy_per_token(hidden, weight, targets, chunk_tokens=chunk_tokens)
+    assert loss.shape == targets.shape
+    (loss * upstream).sum().backward()
+    tol = dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(loss, expected.detach(), **tol)
+    torch.testing.assert_close(hidden.grad, g_h, **tol)
+    torch.testing.assert_close(weight.grad, g_w, **tol)
 
 
 def test_acceptance_counts_top1_hits():
