@@ -455,6 +455,7 @@ class MTPGPTModel(GPTModel):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Megatron's, with the MTP stack's Megatron submodules (TP/EP-sharded) sharded by their own rules."""
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
         from megatron.core.transformer.utils import sharded_state_dict_default
 
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -463,20 +464,25 @@ class MTPGPTModel(GPTModel):
         stack_prefix = f"{prefix}mtp_stack."
         for key in [k for k in state if k.startswith(stack_prefix)]:
             del state[key]
-        # Keyed by global depth, so a checkpoint moves between placements (a split stage holds some depths).
-        for i, depth in enumerate(self.mtp_stack.depths, start=self.mtp_depths.start - 1):
+        # Sharded under the global depth (the state dict keeps local names, as Megatron's layers do), so a
+        # checkpoint moves between placements: a split stage holds depths first_depth.. as 0..
+        offset = self.mtp_depths.start - 1
+        for i, depth in enumerate(self.mtp_stack.depths):
             for name, child in depth.named_children():
                 # The TP group, as MegatronModule passes it: given a dp_cp_group but no tp_group, Megatron
                 # marks a plain torch child (the norms) replica 0 on every TP rank and refuses the save.
-                state.update(
-                    sharded_state_dict_default(
-                        child,
-                        f"{stack_prefix}depths.{i}.{name}.",
-                        sharded_offsets,
-                        metadata,
-                        tp_group=self.pg_collection.tp,
-                    )
+                child_state = sharded_state_dict_default(
+                    child,
+                    f"{stack_prefix}depths.{i}.{name}.",
+                    sharded_offsets,
+                    metadata,
+                    tp_group=self.pg_collection.tp,
                 )
+                if offset:
+                    replace_prefix_for_sharding(
+                        child_state, f"{stack_prefix}depths.{i}.", f"{stack_prefix}depths.{i + offset}."
+                    )
+                state.update(child_state)
         return state
 
 
