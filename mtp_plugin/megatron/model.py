@@ -19,6 +19,7 @@ targets (differentiable) and, per depth, (valid targets, top-1 hits). See `mtp_p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -144,9 +145,9 @@ def last_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
 class MTPLayerAtDepth(MultiTokenPredictionLayer):
     """Megatron's MTP layer, numbered by its global depth on a stage of a split plan.
 
-    Megatron numbers a stage's MTP layers from the count of `m` before the stage in its layout; a split
-    plan hands Megatron every depth on the first depth stage (placement.py), which would number a later
-    stage's depths past D, and the MoE router indexes its aux-loss tracker by that number.
+    Megatron numbers a stage's MTP layers from the count of `m` on the stages before it in its layout; the
+    layout a split plan's depth stage builds with has none before it (`_config_running_depths_here`), so
+    depth k would be numbered 1, and the MoE router indexes its aux-loss tracker by that number.
     """
 
     def __init__(self, config, *args, layer_number: int = 1, vp_stage=None, first_depth: int = 1, **kwargs):
@@ -187,6 +188,29 @@ def native_mtp_block_spec(config: TransformerConfig, layer_spec: ModuleSpec, dep
             submodules=layer.submodules,
         )
     return MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * len(depths))
+
+
+def _config_running_depths_here(config: TransformerConfig, pp_rank: int) -> TransformerConfig:
+    """`config`, or for a later stage of a split plan a shallow copy whose layout holds the MTP layers here.
+
+    A split plan gives Megatron every `m` on the first depth stage (placement.py), and Megatron (>= 0.17)
+    builds MTP layers only where its layout has them (`mtp_on_this_rank`); the copy, used to build this
+    stage only, moves them here (then Megatron numbers them from 0 on this stage: `MTPLayerAtDepth`).
+    """
+    from megatron.core.transformer.enums import LayerType
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    layout = config.pipeline_model_parallel_layout
+    if layout is None or LayerType.mtp in layout.layout[pp_rank][0]:
+        return config
+    rows = [[t for t in stage[0] if t != LayerType.mtp] for stage in layout.layout]
+    here = [t for t in rows[pp_rank] if t != LayerType.loss] + [LayerType.mtp] * config.mtp_num_layers
+    rows[pp_rank] = here + [LayerType.loss] * (LayerType.loss in rows[pp_rank])
+    stage_config = copy.copy(config)
+    stage_config.pipeline_model_parallel_layout = PipelineParallelLayerLayout(
+        rows, config.pipeline_model_parallel_size
+    )
+    return stage_config
 
 
 def _depths_here(config: TransformerConfig, mtp_stage: int, depths: range | None, pp_rank: int) -> range:
@@ -248,13 +272,14 @@ class MTPGPTModel(GPTModel):
             ensure_mla_without_te()
         if mtp_stage is None:
             mtp_stage = _mtp_stage_of(config)
-        depths = _depths_here(config, mtp_stage, depths, parallel_state.get_pipeline_model_parallel_rank())
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        depths = _depths_here(config, mtp_stage, depths, pp_rank)
         if depths and mtp_block_spec is None:
             mtp_block_spec = native_mtp_block_spec(
                 config, mtp_layer_spec or last_decoder_layer_spec(config), depths
             )
         super().__init__(
-            config=config,
+            config=_config_running_depths_here(config, pp_rank) if depths else config,
             transformer_layer_spec=transformer_layer_spec,
             vocab_size=vocab_size,
             max_sequence_length=max_sequence_length,
@@ -267,6 +292,7 @@ class MTPGPTModel(GPTModel):
             vp_stage=vp_stage,
             **gpt_kwargs,
         )
+        self.config = config  # the run's config (what the schedule and finalize_model_grads read)
         self._adopt_mtp(
             loss_chunk_tokens=loss_chunk_tokens,
             loss_kernel=loss_kernel,
