@@ -541,11 +541,11 @@ PLACEMENTS = {
     "last": "every depth, the head and the loss on the last stage (Megatron's default)",
     "mtp_stage": "the depths on the last trunk stage, the head and loss on a stage of their own (t m | L)",
     "standalone": "the depths on a stage of their own, then a loss stage (m | L)",
-    "split": "the depths on consecutive stages (at most one per stage), the loss with the last depth",
+    "split": "the depths spread over two or more consecutive stages after the trunk (mtp.placement=split)",
 }
 
 
-def _allowed(placement: str, segment: str, is_last: bool) -> bool:
+def _allowed(placement: str, segment: str, is_last: bool, num_depths: int) -> bool:
     m = segment.count("m")
     if placement == "last":
         return is_last or not (m or "L" in segment)
@@ -558,7 +558,7 @@ def _allowed(placement: str, segment: str, is_last: bool) -> bool:
             return segment == "L"
         return not m or set(segment) == {"m"}
     if placement == "split":
-        return m <= 1
+        return m < num_depths  # no stage holds every depth: they spread over two or more stages
     raise ValueError(f"unknown placement {placement!r}; use one of {sorted(PLACEMENTS)}")
 
 
@@ -580,7 +580,7 @@ def balanced_layout(placement: str, num_stages: int, costs: dict[str, list[float
         for i in range(j, n + 1):
             for start in range(j - 1, i):
                 if best[j - 1][start] == inf or not _allowed(
-                    placement, items[start:i], i == n and j == num_stages
+                    placement, items[start:i], i == n and j == num_stages, len(costs["m"])
                 ):
                     continue
                 value = max(best[j - 1][start], prefix[i] - prefix[start])

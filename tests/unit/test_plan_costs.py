@@ -63,14 +63,16 @@ def test_placements_step_time_from_measured_costs():
     assert configured.stage_costs == [1 + 6 + 10, 20, 20, 30 + 13]
     assert configured.step_time == pytest.approx(sum(configured.stage_costs) + 7 * 43)
     # `last`: the depths and the head stay together on the last stage (43 ms), the trunk balanced before
-    # them; `split`: one depth per stage, E t*4 | t t m | m | m L = 37, 30, 10, 23 ms. Both move the
-    # same 100 ms of work through the pipeline: 100 + 7 x slowest.
+    # them; `split` spreads the depths over two or more stages, e.g. E t t t | t t t | m m | m L = 27, 30,
+    # 20, 23 ms. Both move the same 100 ms of work through the pipeline: 100 + 7 x slowest.
     last, split = results["last"], results["split"]
     assert last.stages[-1] == "mmmL" and max(last.stage_costs) == 43
     assert last.step_time == pytest.approx(100 + 7 * 43)
-    assert split.stages == ("Etttt", "ttm", "m", "mL") and split.stage_costs == [37, 30, 10, 23]
-    assert split.step_time == pytest.approx(100 + 7 * 37)
-    assert split.step_time_rel == pytest.approx(359 / 401)
+    depth_stages = [s for s, stage in enumerate(split.stages) if "m" in stage]
+    assert len(depth_stages) >= 2 and depth_stages == list(range(depth_stages[0], len(split.stages)))
+    assert max(split.stage_costs) == 30 and sum(split.stage_costs) == 100
+    assert split.step_time == pytest.approx(100 + 7 * 30)
+    assert split.step_time_rel == pytest.approx(310 / 401)
     # Stage-time spread: (slowest - fastest) / slowest.
     assert split.to_json()["stage_spread"] == pytest.approx(
         (max(split.stage_costs) - min(split.stage_costs)) / max(split.stage_costs)
