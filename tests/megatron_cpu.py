@@ -259,11 +259,16 @@ def to_global_names(gpt_model, state: dict[str, Any]) -> dict[str, Any]:
     num_local = num_experts // ps.get_expert_model_parallel_world_size()
     expert_offset = ps.get_expert_model_parallel_rank() * num_local
     marker = "experts.local_experts."
+    # A split plan's stage holds depths first_depth.. under local indices 0..
+    depth_offset = getattr(gpt_model, "mtp_depths", range(1, 1)).start - 1
     out = {}
     for key, value in state.items():
         if key.startswith("decoder.layers."):
             local, rest = key[len("decoder.layers.") :].split(".", 1)
             key = f"decoder.layers.{int(local) + offset}.{rest}"
+        if key.startswith("mtp_stack.depths."):
+            local, rest = key[len("mtp_stack.depths.") :].split(".", 1)
+            key = f"mtp_stack.depths.{int(local) + depth_offset}.{rest}"
         if marker in key:
             head, tail = key.split(marker, 1)
             local, rest = tail.split(".", 1)
@@ -389,20 +394,24 @@ def build_tiny_plugin_gpt(
     from mtp_plugin.megatron import MTPGPTModel, trunk_layer_spec
     from mtp_plugin.megatron.placement import plan_pipeline
 
-    config = tiny_transformer_config(model, **config_overrides)
     plan = plan_pipeline(
         num_layers=model.num_layers,
         num_depths=model.mtp_num_layers or 0,
         pipeline_size=ps.get_pipeline_model_parallel_world_size(),
         layout=model.pipeline_model_parallel_layout,
     )
-    stage = plan.stages[ps.get_pipeline_model_parallel_rank()]
+    # A split layout reaches Megatron as the one it accepts (placement.py), the depths per stage as `depths`.
+    config_overrides.setdefault("pipeline_model_parallel_layout", plan.megatron_layout)
+    config = tiny_transformer_config(model, **config_overrides)
+    rank = ps.get_pipeline_model_parallel_rank()
+    stage = plan.stages[rank]
     return MTPGPTModel(
         config,
         trunk_layer_spec(config),
         model.vocab_size,
         model.seq_length,
         mtp_stage=plan.mtp_stage or 0,
+        depths=plan.depths_on(rank) if plan.is_split else None,
         loss_chunk_tokens=loss_chunk_tokens,
         trunk_gradients=trunk_gradients,
         pre_process="E" in stage,

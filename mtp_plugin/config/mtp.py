@@ -114,9 +114,11 @@ class MTPConfig:
     loss_kernel: the chunked path's softmax work: "auto" (Triton kernels on CUDA, torch ops elsewhere),
       "triton" (CUDA only) or "torch" (fp32 torch ops on any device, the reference).
     mask_across_eod: per-document targets: a depth-k target in the next document is not scored.
-    placement: "last" (MTP, head and loss on the last pipeline stage) or "stage" (MTP on `mtp_stage`,
-      later stages carry hidden states on to the head and loss).
-    mtp_stage: the pipeline stage that runs the MTP depths when placement == "stage".
+    placement: "last" (MTP, head and loss on the last pipeline stage), "stage" (MTP on `mtp_stage`,
+      later stages carry hidden states on to the head and loss) or "split" (the depths over consecutive
+      stages from `mtp_stage`, default one depth per stage, up to the last; docs/placement.md).
+    mtp_stage: the pipeline stage that runs the MTP depths when placement == "stage"; the first depth
+      stage when placement == "split" (optional there).
     trunk_gradients: what the depth losses train. "joint" (DeepSeek-V3 pre-training): the depths and,
       through them, the trunk, the embedding and the output head. "detached" (Megatron-Core 0.19's
       `mtp_detach_heads`): the depths only; the trunk's hidden state, the embedding and the head weight
@@ -177,9 +179,9 @@ class MTPConfig:
             raise ValueError(
                 f"mtp.loss_kernel={self.loss_kernel!r} is unknown; use one of {', '.join(LOSS_KERNELS)}"
             )
-        if self.placement not in ("last", "stage"):
+        if self.placement not in ("last", "stage", "split"):
             raise ValueError(
-                f"mtp.placement={self.placement!r} is unknown; use 'last' or 'stage' (with mtp_stage)"
+                f"mtp.placement={self.placement!r} is unknown; use 'last', 'stage' (with mtp_stage) or 'split'"
             )
         if self.trunk_gradients not in TRUNK_GRADIENTS:
             raise ValueError(
@@ -197,7 +199,7 @@ class MTPConfig:
             )
         if self.placement == "stage" and self.mtp_stage is None:
             raise ValueError("mtp.placement='stage' needs mtp.mtp_stage (a pipeline stage index >= 1)")
-        if self.placement == "stage" and self.mtp_stage is not None and self.mtp_stage < 1:
+        if self.placement != "last" and self.mtp_stage is not None and self.mtp_stage < 1:
             raise ValueError(
                 f"mtp.mtp_stage={self.mtp_stage}: stage 0 holds only the embedding and the first layers, "
                 "and MTP runs after the trunk's last layer; use a stage >= 1"

@@ -344,13 +344,15 @@ class ExperimentConfig:
                 f"parallel.expert_model_parallel_size={ep}; choose an expert-parallel size that divides it"
             )
         pp = self.parallel.pipeline_model_parallel_size
-        if self.model.num_layers % pp and self.parallel.pipeline_layout is None:
+        # `stage` and `split` put the trunk on fewer stages; plan_pipeline checks those counts.
+        trunk_on_all_stages = not self.mtp.enabled or self.mtp.placement == "last"
+        if self.model.num_layers % pp and self.parallel.pipeline_layout is None and trunk_on_all_stages:
             raise ValueError(
                 f"model.num_layers={self.model.num_layers} cannot be split evenly across "
                 f"parallel.pipeline_model_parallel_size={pp} stages; choose a stage count that divides it or "
                 "give the stages' layers in parallel.pipeline_layout (e.g. 'Et*4|t*4|...|tmL')"
             )
-        if self.mtp.enabled and self.mtp.placement == "stage" and self.mtp.mtp_stage >= pp:
+        if self.mtp.enabled and self.mtp.placement != "last" and (self.mtp.mtp_stage or 0) >= pp:
             raise ValueError(
                 f"mtp.mtp_stage={self.mtp.mtp_stage} does not exist with {pp} pipeline stages; use a stage in [1, {pp})"
             )

@@ -77,22 +77,31 @@ class MTPStack(nn.Module):
         return len(self.depths)
 
     def forward(
-        self, hidden: torch.Tensor, input_ids_bs: torch.Tensor, embed: EmbedFn, **block_kwargs
+        self,
+        hidden: torch.Tensor,
+        input_ids_bs: torch.Tensor,
+        embed: EmbedFn,
+        *,
+        first_depth: int = 1,
+        **block_kwargs,
     ) -> list[torch.Tensor]:
         """Returns [h^1, ..., h^D] (each after its final norm), in `hidden`'s layout.
 
         `embed(ids_bs, k)` maps the ids shifted left by k to embeddings in the layout of `hidden`, through the
-        trunk's shared embedding (k lets an adapter shift position ids the same way).
+        trunk's shared embedding (k lets an adapter shift position ids the same way). `first_depth`: the
+        depth k of this stack's first module when a pipeline splits the depths over stages (`hidden` is
+        then h^(first_depth - 1)).
         """
         seq_len = input_ids_bs.shape[-1]
-        if self.num_depths >= seq_len:
+        last_depth = first_depth - 1 + self.num_depths
+        if last_depth >= seq_len:
             # Depth k predicts t_(i+1+k): a window of S tokens has a target for depth k only while k < S.
             raise ValueError(
-                f"MTPStack has {self.num_depths} depths but the window holds {seq_len} tokens; depth k needs "
+                f"MTPStack has {last_depth} depths but the window holds {seq_len} tokens; depth k needs "
                 f"k < sequence length, so lower num_depths below {seq_len} or train on longer sequences"
             )
         outputs = []
-        for k, depth in enumerate(self.depths, start=1):
+        for k, depth in enumerate(self.depths, start=first_depth):
             hidden = depth(hidden, embed(shift_left(input_ids_bs, k), k), **block_kwargs)
             outputs.append(hidden)
         return outputs

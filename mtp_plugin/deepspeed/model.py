@@ -23,7 +23,9 @@ exists on the last stage, where `loss_fn` scores every head with it through the 
 cross-entropy (no [tokens x vocab] logits kept: memory-flat), exactly like the Megatron path.
 
 MTP placement (`stage_boundaries`): `last` puts the depths on the last stage with the head; `stage` puts
-them on `mtp_stage`, with a last stage that only scores (Megatron's `... t m | L`).
+them on `mtp_stage`, with a last stage that only scores (Megatron's `... t m | L`); `split` spreads them
+over consecutive stages from `mtp_stage` to the last (each stage's (lookup, depth) pairs; the tuple grows
+by one hidden state per depth on the way, and each stage holding a lookup holds the tied "embed" module).
 """
 
 from __future__ import annotations
@@ -346,14 +348,19 @@ def stage_boundaries(model: ModelConfig, mtp: MTPConfig, num_stages: int) -> lis
     only scores, Megatron's `... t m | L`); the head is the last layer.
     """
     num_layers, num_depths = model.num_layers, mtp.num_depths
-    mtp_stage = mtp.mtp_stage if (mtp.enabled and mtp.placement == "stage") else num_stages - 1
+    depths_per_stage = _split_depths(mtp, num_stages) if mtp.enabled and mtp.placement == "split" else None
+    if depths_per_stage:
+        mtp_stage = num_stages - len(depths_per_stage)
+    else:
+        mtp_stage = mtp.mtp_stage if (mtp.enabled and mtp.placement == "stage") else num_stages - 1
+        depths_per_stage = [num_depths]
     trunk_stages = mtp_stage + 1
     if num_layers < trunk_stages:
         raise ValueError(
             f"model.num_layers={num_layers} cannot fill the {trunk_stages} pipeline stages up to the MTP stage; "
             "use fewer stages or more layers"
         )
-    if mtp_stage < num_stages - 2:
+    if mtp_stage < num_stages - 1 - len(depths_per_stage):
         raise ValueError(
             f"mtp.mtp_stage={mtp_stage} with {num_stages} stages leaves stages holding no layer (DeepSpeed's "
             f"pipeline needs a layer on every stage); use mtp.mtp_stage={num_stages - 2} or {num_stages - 1}"
@@ -363,13 +370,35 @@ def stage_boundaries(model: ModelConfig, mtp: MTPConfig, num_stages: int) -> lis
     for stage in range(trunk_stages):
         index += per_stage + (1 if stage < extra else 0)
         if stage == trunk_stages - 1:
-            index += 1 + 2 * num_depths  # final norm, then (embedding lookup, depth) per depth
+            index += 1 + 2 * depths_per_stage[0]  # final norm, then (embedding lookup, depth) per depth
+        parts.append(index)
+    for depths in depths_per_stage[1:]:  # a split's later depth stages
+        index += 2 * depths
         parts.append(index)
     total = 1 + num_layers + 1 + 2 * num_depths + 1
     if len(parts) == num_stages:  # a scoring-only stage after the MTP stage
         parts.append(total)
     parts[-1] = total
     return parts
+
+
+def _split_depths(mtp: MTPConfig, num_stages: int) -> list[int]:
+    """Depths per stage of `split`, from its first depth stage to the last: one each by default (as many
+    stages as depths, at most num_stages - 1); more depths than stages go one more to the earlier ones."""
+    last = num_stages - 1
+    first = mtp.mtp_stage if mtp.mtp_stage is not None else num_stages - min(mtp.num_depths, last)
+    if not 1 <= first <= last:
+        raise ValueError(
+            f"mtp.placement='split' with mtp.mtp_stage={first}: the first depth stage must be in 1..{last}; use "
+            "at least 2 pipeline stages and an mtp_stage >= 1"
+        )
+    if num_stages - first > mtp.num_depths:
+        raise ValueError(
+            f"mtp.placement='split' with mtp.mtp_stage={first} spreads {mtp.num_depths} depth(s) over "
+            f"{num_stages - first} stages: more depth stages than depths; use mtp_stage >= {num_stages - mtp.num_depths}"
+        )
+    per, extra = divmod(mtp.num_depths, num_stages - first)
+    return [per + (1 if i < extra else 0) for i in range(num_stages - first)]
 
 
 def _pipeline_module_cls():

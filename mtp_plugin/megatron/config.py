@@ -69,7 +69,13 @@ def _plan(model: ModelConfig, mtp: MTPConfig, pipeline_size: int, layout: str | 
 
 
 def plan_from_config(model: ModelConfig, mtp: MTPConfig, config) -> PipelinePlan:
-    """The plan a built TransformerConfig encodes (its layout, or Megatron's default split)."""
+    """The plan a built TransformerConfig encodes (its layout, or Megatron's default split).
+
+    `mtp.placement=split` is planned again from the placement: the config holds only the layout given to
+    Megatron (every depth on the first depth stage). An explicit split layout needs the caller's plan.
+    """
+    if mtp.placement == "split":
+        return _plan(model, mtp, config.pipeline_model_parallel_size, None)
     layout = config.pipeline_model_parallel_layout
     if layout is not None and not isinstance(layout, str):
         # Megatron converts the string into a PipelineParallelLayerLayout in __post_init__.
@@ -126,7 +132,8 @@ def transformer_config_from(
         # D tells Megatron's pipeline machinery about the depths (final norm placement, layout, embedding
         # group); Megatron's own MTP block is never built (see model.py), so its λ is unused here.
         mtp_num_layers=mtp.num_depths or None,
-        pipeline_model_parallel_layout=plan.layout,
+        # A split plan's layout Megatron would refuse (one MTP stage); see placement.py.
+        pipeline_model_parallel_layout=plan.megatron_layout,
         # Fusions that need kernels outside megatron-core (TransformerEngine, apex, compiled extensions) are off;
         # pass overrides to turn them on where those are installed.
         gradient_accumulation_fusion=False,

@@ -19,6 +19,7 @@ targets (differentiable) and, per depth, (valid targets, top-1 hits, chain hits:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import torch
@@ -33,6 +34,7 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer, get_mtp_layer_offset
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -149,12 +151,26 @@ def last_decoder_layer_spec(config: TransformerConfig) -> ModuleSpec:
     return _with_norm(spec, SequenceParallelRMSNorm) if config.sequence_parallel else spec
 
 
-def native_mtp_block_spec(config: TransformerConfig, layer_spec: ModuleSpec):
-    """Megatron's MTP block spec (local backend) for D depths whose layer is `layer_spec`.
+class MTPLayerAtDepth(MultiTokenPredictionLayer):
+    """Megatron's MTP layer, numbered by its global depth on a stage of a split plan.
+
+    Megatron numbers a stage's MTP layers from the count of `m` on the stages before it in its layout; the
+    layout a split plan's depth stage builds with has none before it (`_config_running_depths_here`), so
+    depth k would be numbered 1, and the MoE router indexes its aux-loss tracker by that number.
+    """
+
+    def __init__(self, config, *args, layer_number: int = 1, vp_stage=None, first_depth: int = 1, **kwargs):
+        layer_number += first_depth - 1 - get_mtp_layer_offset(config, vp_stage)
+        super().__init__(config, *args, layer_number=layer_number, vp_stage=vp_stage, **kwargs)
+
+
+def native_mtp_block_spec(config: TransformerConfig, layer_spec: ModuleSpec, depths: range | None = None):
+    """Megatron's MTP block spec (local backend) for the depths `depths` (default all D) with layer `layer_spec`.
 
     Built directly rather than through `get_gpt_mtp_block_spec`, which answers None off the stage that
     Megatron's own layout rule picks: the plugin's placement planner decides the stage. With sequence
     parallel the MTP norms are swapped, through the spec, for `SequenceParallelRMSNorm` as in the trunk.
+    A subset of the depths (a split plan's stage) is numbered from its first depth (`MTPLayerAtDepth`).
     """
     from megatron.core.transformer.multi_token_prediction import (
         MultiTokenPredictionBlockSubmodules,
@@ -172,7 +188,46 @@ def native_mtp_block_spec(config: TransformerConfig, layer_spec: ModuleSpec):
             params=layer.params,
             submodules=dataclasses.replace(layer.submodules, **norms),
         )
-    return MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * config.mtp_num_layers)
+    if depths is None:
+        depths = range(1, config.mtp_num_layers + 1)
+    if depths.start > 1:
+        layer = ModuleSpec(
+            module=MTPLayerAtDepth,
+            params={**layer.params, "first_depth": depths.start},
+            submodules=layer.submodules,
+        )
+    return MultiTokenPredictionBlockSubmodules(layer_specs=[layer] * len(depths))
+
+
+def _config_running_depths_here(config: TransformerConfig, pp_rank: int) -> TransformerConfig:
+    """`config`, or for a later stage of a split plan a shallow copy whose layout holds the MTP layers here.
+
+    A split plan gives Megatron every `m` on the first depth stage (placement.py), and Megatron (>= 0.17)
+    builds MTP layers only where its layout has them (`mtp_on_this_rank`); the copy, used to build this
+    stage only, moves them here (then Megatron numbers them from 0 on this stage: `MTPLayerAtDepth`).
+    """
+    from megatron.core.transformer.enums import LayerType
+    from megatron.core.transformer.pipeline_parallel_layer_layout import PipelineParallelLayerLayout
+
+    layout = config.pipeline_model_parallel_layout
+    if layout is None or LayerType.mtp in layout.layout[pp_rank][0]:
+        return config
+    rows = [[t for t in stage[0] if t != LayerType.mtp] for stage in layout.layout]
+    here = [t for t in rows[pp_rank] if t != LayerType.loss] + [LayerType.mtp] * config.mtp_num_layers
+    rows[pp_rank] = here + [LayerType.loss] * (LayerType.loss in rows[pp_rank])
+    stage_config = copy.copy(config)
+    stage_config.pipeline_model_parallel_layout = PipelineParallelLayerLayout(
+        rows, config.pipeline_model_parallel_size
+    )
+    return stage_config
+
+
+def _depths_here(config: TransformerConfig, mtp_stage: int, depths: range | None, pp_rank: int) -> range:
+    """The 1-based depths this stage runs: `depths` (a split plan's), else all D on `mtp_stage`."""
+    if depths is not None:
+        return depths
+    num_depths = config.mtp_num_layers or 0
+    return range(1, num_depths + 1) if num_depths and pp_rank == mtp_stage else range(1, 1)
 
 
 def _mtp_stage_of(config: TransformerConfig) -> int:
@@ -206,6 +261,7 @@ class MTPGPTModel(GPTModel):
         max_sequence_length: int,
         *,
         mtp_stage: int | None = None,
+        depths: range | None = None,
         mtp_layer_spec: ModuleSpec | None = None,
         mtp_block_spec=None,
         loss_chunk_tokens: int = 0,
@@ -225,17 +281,16 @@ class MTPGPTModel(GPTModel):
             ensure_moe_router_without_te()
         if config.multi_latent_attention:
             ensure_mla_without_te()
-        num_depths = config.mtp_num_layers or 0
         if mtp_stage is None:
             mtp_stage = _mtp_stage_of(config)
-        if (
-            num_depths
-            and mtp_block_spec is None
-            and parallel_state.get_pipeline_model_parallel_rank() == mtp_stage
-        ):
-            mtp_block_spec = native_mtp_block_spec(config, mtp_layer_spec or last_decoder_layer_spec(config))
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        depths = _depths_here(config, mtp_stage, depths, pp_rank)
+        if depths and mtp_block_spec is None:
+            mtp_block_spec = native_mtp_block_spec(
+                config, mtp_layer_spec or last_decoder_layer_spec(config), depths
+            )
         super().__init__(
-            config=config,
+            config=_config_running_depths_here(config, pp_rank) if depths else config,
             transformer_layer_spec=transformer_layer_spec,
             vocab_size=vocab_size,
             max_sequence_length=max_sequence_length,
@@ -248,6 +303,7 @@ class MTPGPTModel(GPTModel):
             vp_stage=vp_stage,
             **gpt_kwargs,
         )
+        self.config = config  # the run's config (what the schedule and finalize_model_grads read)
         self._adopt_mtp(
             loss_chunk_tokens=loss_chunk_tokens,
             loss_kernel=loss_kernel,
@@ -255,6 +311,7 @@ class MTPGPTModel(GPTModel):
             mtp_stage=mtp_stage,
             trunk_gradients=trunk_gradients,
             train_depths=train_depths,
+            depths=depths,
         )
 
     @classmethod
@@ -287,13 +344,15 @@ class MTPGPTModel(GPTModel):
                 )
             trunk_gradients = "detached"
         model.__class__ = cls
+        mtp_stage = _mtp_stage_of(model.config)
         model._adopt_mtp(
             loss_chunk_tokens=loss_chunk_tokens,
             loss_kernel=loss_kernel,
             eod_id=eod_id,
-            mtp_stage=_mtp_stage_of(model.config),
+            mtp_stage=mtp_stage,
             trunk_gradients=trunk_gradients,
             train_depths=train_depths,
+            depths=_depths_here(model.config, mtp_stage, None, model.pp_group.rank()),
         )
         return model
 
@@ -306,6 +365,7 @@ class MTPGPTModel(GPTModel):
         mtp_stage: int,
         trunk_gradients: str,
         train_depths: bool,
+        depths: range,
     ) -> None:
         from mtp_plugin.config.mtp import TRUNK_GRADIENTS
 
@@ -320,18 +380,23 @@ class MTPGPTModel(GPTModel):
         self.eod_id = eod_id
         pp_rank = self.pp_group.rank()
         self.mtp_process = bool(self.num_mtp_depths) and getattr(self, "mtp_process", False)
-        if self.num_mtp_depths and (pp_rank == mtp_stage) != self.mtp_process:
+        if self.num_mtp_depths and bool(depths) != self.mtp_process:
             raise ValueError(
                 f"pipeline stage {pp_rank}: the plugin places MTP on stage {mtp_stage} but Megatron "
                 f"{'built' if self.mtp_process else 'did not build'} MTP layers here; set "
                 "pipeline_model_parallel_layout so that its 'm' is on the MTP stage"
             )
-        self.mtp_before_this_stage = bool(self.num_mtp_depths) and pp_rank > mtp_stage
+        # Depths run before this stage: its input is [h^0; ...; h^j] along the sequence (j of them).
+        self.depths_before_this_stage = (
+            (depths.start - 1) if depths else self.num_mtp_depths * (pp_rank > mtp_stage)
+        )
+        self.mtp_before_this_stage = self.depths_before_this_stage > 0
+        self.mtp_depths = depths
         if self.mtp_process:
             native_layers = list(self.mtp.layers)
-            if len(native_layers) != self.num_mtp_depths:
+            if len(native_layers) != len(depths):
                 raise ValueError(
-                    f"Megatron built {len(native_layers)} MTP layer(s) for mtp_num_layers={self.num_mtp_depths} "
+                    f"Megatron built {len(native_layers)} MTP layer(s) for depths {list(depths)} on this stage "
                     "(mtp_use_repeated_layer?); the plugin needs one layer per depth"
                 )
             # Megatron's block goes (its forward and loss are the plugin's now); its layers' modules stay.
@@ -389,14 +454,29 @@ class MTPGPTModel(GPTModel):
         **_,
     ):
         depth_hidden: list[torch.Tensor] = []
+        if self.mtp_before_this_stage:
+            hidden_states, *depth_hidden = torch.chunk(
+                hidden_states, 1 + self.depths_before_this_stage, dim=0
+            )
+            # Megatron sized the rotary table by this stage's input, (1 + j) sequences long.
+            rotary_pos_emb, rotary_pos_cos, rotary_pos_sin = (
+                None if r is None else r[: r.shape[0] // (1 + self.depths_before_this_stage)]
+                for r in (rotary_pos_emb, rotary_pos_cos, rotary_pos_sin)
+            )
         if self.mtp_process:
             # detached / frozen (Megatron-Core 0.19's mtp_detach_heads, multi_token_prediction.py): the
             # depths see the trunk's state and the embeddings as constants; the head is detached in
-            # _depth_losses. Depths that never train run without a graph: scored for the log only.
+            # _depth_losses. Depths that never train run without a graph: scored for the log only. On a
+            # later split stage the first depth here continues the previous depth's state (already detached
+            # from the trunk where that depth ran).
             detach = self.trunk_gradients != "joint" or not self.train_depths
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_depths):
-                depth_hidden = self.mtp_stack(
-                    hidden_states.detach() if detach else hidden_states,
+                if depth_hidden:
+                    depth_input = depth_hidden[-1]
+                else:
+                    depth_input = hidden_states.detach() if detach else hidden_states
+                depth_hidden += self.mtp_stack(
+                    depth_input,
                     input_ids,
                     lambda ids_bs, k: self._depth_embedding(ids_bs, position_ids, k, detach),
                     attention_mask=attention_mask,
@@ -405,12 +485,11 @@ class MTPGPTModel(GPTModel):
                     rotary_pos_sin=rotary_pos_sin,
                     packed_seq_params=packed_seq_params,
                     sequence_len_offset=sequence_len_offset,
+                    first_depth=self.mtp_depths.start,
                 )
             if not self.post_process:
-                # Later stages receive [h^0; h^1; ...; h^D] along the sequence dim (Megatron's convention).
+                # Later stages receive [h^0; h^1; ...; h^k] along the sequence dim (Megatron's convention).
                 return make_viewless_tensor(torch.cat([hidden_states, *depth_hidden], dim=0), True, True)
-        elif self.mtp_before_this_stage:
-            hidden_states, *depth_hidden = torch.chunk(hidden_states, 1 + self.num_mtp_depths, dim=0)
         if not self.post_process:
             return hidden_states
 
@@ -497,6 +576,7 @@ class MTPGPTModel(GPTModel):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
         """Megatron's, with the MTP stack's Megatron submodules (TP/EP-sharded) sharded by their own rules."""
+        from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
         from megatron.core.transformer.utils import sharded_state_dict_default
 
         state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -505,19 +585,25 @@ class MTPGPTModel(GPTModel):
         stack_prefix = f"{prefix}mtp_stack."
         for key in [k for k in state if k.startswith(stack_prefix)]:
             del state[key]
+        # Sharded under the global depth (the state dict keeps local names, as Megatron's layers do), so a
+        # checkpoint moves between placements: a split stage holds depths first_depth.. as 0..
+        offset = self.mtp_depths.start - 1
         for i, depth in enumerate(self.mtp_stack.depths):
             for name, child in depth.named_children():
                 # The TP group, as MegatronModule passes it: given a dp_cp_group but no tp_group, Megatron
                 # marks a plain torch child (the norms) replica 0 on every TP rank and refuses the save.
-                state.update(
-                    sharded_state_dict_default(
-                        child,
-                        f"{stack_prefix}depths.{i}.{name}.",
-                        sharded_offsets,
-                        metadata,
-                        tp_group=self.pg_collection.tp,
-                    )
+                child_state = sharded_state_dict_default(
+                    child,
+                    f"{stack_prefix}depths.{i}.{name}.",
+                    sharded_offsets,
+                    metadata,
+                    tp_group=self.pg_collection.tp,
                 )
+                if offset:
+                    replace_prefix_for_sharding(
+                        child_state, f"{stack_prefix}depths.{i}.", f"{stack_prefix}depths.{i + offset}."
+                    )
+                state.update(child_state)
         return state
 
 
@@ -533,18 +619,27 @@ def build_mtp_gpt_model(
     eod_id: int | None = None,
     transformer_layer_spec=None,
     mtp_layer_spec: ModuleSpec | None = None,
+    plan=None,
 ) -> MTPGPTModel:
-    """A model provider body: GPTModel with the plugin's MTP on `mtp_stage` (default: as `config` plans it)."""
+    """A model provider body: GPTModel with the plugin's MTP on `mtp_stage` (default: as `config` plans it).
+
+    plan: the run's `PipelinePlan` (`check_supported`'s); a split plan needs it, since `config` holds only
+    the layout Megatron accepts (every depth on one stage).
+    """
     from mtp_plugin.megatron.config import plan_from_config
 
+    if plan is None:
+        plan = plan_from_config(model_cfg, mtp_cfg, config)
     if mtp_stage is None:
-        mtp_stage = plan_from_config(model_cfg, mtp_cfg, config).mtp_stage or 0
+        mtp_stage = plan.mtp_stage or 0
+    depths = plan.depths_on(parallel_state.get_pipeline_model_parallel_rank()) if plan.is_split else None
     return MTPGPTModel(
         config,
         transformer_layer_spec or trunk_layer_spec(config, vp_stage=vp_stage),
         model_cfg.padded_vocab_size,
         model_cfg.seq_length,
         mtp_stage=mtp_stage,
+        depths=depths,
         mtp_layer_spec=mtp_layer_spec,
         loss_chunk_tokens=mtp_cfg.loss_chunk_tokens,
         loss_kernel=mtp_cfg.loss_kernel,

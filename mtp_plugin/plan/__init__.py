@@ -4,7 +4,9 @@
 plan; missing dataset files are a warning, not a refusal), builds the model on the meta device through the training classes
 (`mtp_plugin.plan.build`), and reports parameters (total, active, MTP), parameters and per-GPU memory
 per pipeline stage, FLOPs per token, ρ for k = 0..D, stage costs and the 1F1B step time of each MTP
-placement (`mtp_plugin.plan.estimate` has the formulas).
+placement (`last`, `mtp_stage`, `standalone`, `split`), ranked, from the FLOPs model or from measured
+per-piece costs (`costs`: the file `benchmarks/layer_costs.py` writes); `mtp_plugin.plan.estimate` has
+the formulas.
 """
 
 from __future__ import annotations
@@ -64,10 +66,13 @@ def plan_experiment(
     world_size: int | None = None,
     device_memory_gib: float | None = None,
     records: list[ParamRecord] | None = None,
+    costs: dict | None = None,
 ) -> dict:
     """The plan as a JSON-able dict; `records` is the model's parameter table (default: built on the meta
-    device). Raises ValueError / FileNotFoundError (one line) on bad input, before building anything."""
+    device); `costs` a measured costs file (default: placements from the FLOPs model). Raises ValueError /
+    FileNotFoundError (one line) on bad input, before building anything."""
     world, dp, num_micro, plan = check_plan(experiment, world_size)
+    placements = compare_placements(experiment, plan.stages, num_micro, measured=costs)
     memory_limit = device_memory_gib or experiment.cluster.device_memory_gib
     if records is None:
         from mtp_plugin.plan.build import parameter_table
@@ -77,7 +82,7 @@ def plan_experiment(
     per_stage = stage_params(records, plan.stages, experiment)
     memory = stage_memory(experiment, plan.stages, per_stage, data_parallel_size=dp)
     flops = token_flops(experiment.model)
-    placements = compare_placements(experiment, plan.stages, num_micro)
+    flop_placements = placements if costs is None else compare_placements(experiment, plan.stages, num_micro)
     D = experiment.mtp.num_depths
     return {
         "world_size": world,
@@ -105,8 +110,19 @@ def plan_experiment(
             "seed_6n_active": 6 * totals.active,
         },
         "rho": rho_by_depth(experiment.model, flops, D),
-        "stage_tflops": [c / 1e12 for c in placements[0].stage_costs],
+        "stage_tflops": [c / 1e12 for c in flop_placements[0].stage_costs],
         "placements": [p.to_json() for p in placements],
+        "ranking": [p.name for p in sorted(placements[1:], key=lambda p: p.step_time)],
+        "costs": None
+        if costs is None
+        else {
+            "device": costs.get("device"),
+            "dtype": costs.get("dtype"),
+            "micro_batch_size": costs.get("micro_batch_size"),
+            "seq_length": costs.get("seq_length"),
+            "hidden_size": costs.get("model", {}).get("hidden_size"),
+            "num_experts": costs.get("model", {}).get("num_experts"),
+        },
         "sbatch": _sbatch_command(experiment),
         "warnings": data_warnings(experiment),
     }
@@ -159,15 +175,30 @@ def format_report(report: dict, name: str = "") -> str:
             for r in report["rho"]
         ),
         "",
-        "pipeline placements (1F1B, step time relative to `last`):",
     ]
+    costs = report.get("costs")
+    if costs:
+        lines.append(
+            f"pipeline placements (1F1B, measured costs: {costs['device']}, {costs['dtype']}, micro-batch "
+            f"{costs['micro_batch_size']} x {costs['seq_length']}, hidden {costs['hidden_size']}, "
+            f"{costs['num_experts'] or 0} experts; step time relative to `last`):"
+        )
+    else:
+        lines.append("pipeline placements (1F1B, FLOPs model, step time relative to `last`):")
     for p in report["placements"]:
+        step = f"  {p['step_time_ms']:>9.1f} ms" if "step_time_ms" in p else ""
         lines.append(
-            f"  {p['name']:<11} {p['step_time_rel']:>6.3f}  idle {100 * p['idle_fraction']:4.1f}%  {p['layout']}"
+            f"  {p['name']:<11} {p['step_time_rel']:>6.3f}{step}  idle {100 * p['idle_fraction']:4.1f}%  "
+            f"spread {100 * p['stage_spread']:4.1f}%  {p['layout']}"
         )
-        lines.append(
-            f"  {'':<11} stage TFLOPs/micro-batch: " + " ".join(f"{c:.3g}" for c in p["stage_tflops"])
+        per_stage = (
+            "stage ms/micro-batch: " + " ".join(f"{c:.3g}" for c in p["stage_ms"])
+            if "stage_ms" in p
+            else "stage TFLOPs/micro-batch: " + " ".join(f"{c:.3g}" for c in p["stage_tflops"])
         )
+        lines.append(f"  {'':<11} {per_stage}")
+    if report.get("ranking"):
+        lines.append("ranked (fastest first): " + ", ".join(report["ranking"]))
     if report.get("sbatch"):
         lines += ["", f"launch: {report['sbatch']} <the same overrides>"]
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """`python -m mtp_plugin.plan [group=option ...] [field=value ...] [--json] [--world-size N]
-[--device-memory-gib G]`: the training app's configuration (same groups, overrides and checks), sized
-on the meta device. Bad input is one line naming the field and the fix, exit status 2."""
+[--device-memory-gib G] [--costs FILE]`: the training app's configuration (same groups, overrides and
+checks), sized on the meta device; `--costs` ranks the pipeline placements by measured per-piece costs
+(`benchmarks/layer_costs.py`). Bad input is one line naming the field and the fix, exit status 2."""
 
 from __future__ import annotations
 
@@ -17,6 +18,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--device-memory-gib", type=float, default=None, help="memory of one GPU (default: cluster's, 80)"
     )
+    parser.add_argument(
+        "--costs",
+        default=None,
+        help="measured per-piece costs (JSON of benchmarks/layer_costs.py) for the placements' step times",
+    )
     args = parser.parse_intermixed_args(argv)
 
     from mtp_plugin.train.hydra_app import ConfigError, compose_experiment, quiet_megatron
@@ -29,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         from mtp_plugin.plan import format_report, plan_experiment
 
         try:
+            costs = _read_costs(args.costs) if args.costs else None
             report = plan_experiment(
-                experiment, world_size=args.world_size, device_memory_gib=args.device_memory_gib
+                experiment, world_size=args.world_size, device_memory_gib=args.device_memory_gib, costs=costs
             )
         except (ValueError, OSError) as err:
             raise ConfigError(f"error: {err}") from None
@@ -45,6 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(format_report(report, experiment.name))
     return 0
+
+
+def _read_costs(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"--costs {path} is not JSON ({err.msg}); write it with benchmarks/layer_costs.py"
+        ) from None
+    except OSError as err:
+        raise ValueError(
+            f"--costs {path}: {err.strerror}; give a file benchmarks/layer_costs.py wrote"
+        ) from None
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Pure functions of the experiment's dataclasses and of a parameter table (`ParamR
 model built on the meta device by `mtp_plugin.plan.build`); no Megatron import here.
 
 Parameters per stage follow Megatron's rules for what a GPTModel stage holds: the word embedding on the
-stage with `E` and on the MTP stage (its copy), decoder layer i where the layout puts it, the trunk's
-final norm with its last layer when MTP is on (else on the loss stage), the MTP depths on the MTP stage,
+stage with `E` and on every stage running a depth (its copy), decoder layer i where the layout puts it, the
+trunk's final norm with its last layer when MTP is on (else on the loss stage), depth k where its `m` is,
 the output layer on the loss stage (a tied head there is one more copy of the embedding unless the stage
 holds the table already, for `E` or for MTP). Per GPU, tensor-parallel weights divide by the tensor-parallel size and routed experts
 by the expert-parallel size.
@@ -19,7 +19,9 @@ RMSNorm its input and normalised output), times the micro-batches a 1F1B stage h
 (pipeline size - stage index, at most the number of micro-batches), less what the recompute choices
 drop, plus one layer's backward transient and the head's logits.
 
-Stage cost: training FLOPs of one micro-batch (forward x3, plus the forward again of what is recomputed).
+Stage cost: training FLOPs of one micro-batch (forward x3, plus the forward again of what is recomputed),
+or, from a costs file that `benchmarks/layer_costs.py` measured (`measured_item_costs`), milliseconds of
+forward + backward of one micro-batch per piece (plus the forward again of a recomputed layer).
 A 1F1B step over m micro-batches then takes Σ_s c_s + (m - 1) · max_s c_s (fill and drain, the bubble,
 plus the steady state paced by the slowest stage); `placements` evaluates that for each MTP placement with
 the trunk layers balanced by a contiguous partition that minimises the slowest stage.
@@ -116,7 +118,7 @@ def stage_params(
     layer_stage = _layer_stage(stages)
     loss_stage = next(s for s, st in enumerate(stages) if "L" in st)
     embed_stages = [s for s, st in enumerate(stages) if "E" in st or "m" in st]
-    mtp_stages = [s for s, st in enumerate(stages) if "m" in st]
+    depth_stage = [s for s, st in enumerate(stages) for c in st if c == "m"]  # depth k's stage at k - 1
     tied = not model.untie_embeddings_and_output_weights
     out = [StageParams() for _ in stages]
 
@@ -141,8 +143,8 @@ def stage_params(
             targets = [layer_stage[int(name.split(".")[2])]]
         elif name.startswith("decoder.final_layernorm."):
             targets = [layer_stage[-1] if num_depths else loss_stage]
-        elif name.startswith("mtp_stack."):
-            targets = mtp_stages
+        elif name.startswith("mtp_stack.depths."):
+            targets = [depth_stage[int(name.split(".")[2])]]
         elif name.startswith("output_layer."):
             targets = [loss_stage]
         else:
@@ -306,7 +308,7 @@ def stage_memory(
             last_moe = layer_is_moe(model, model.num_layers - 1)
             depth = layer_activation(experiment, last_moe, recomputed_full=False)
             # enorm and hnorm (input, normalised) and eh_proj's 2h input, then the depth's layer
-            mtp_kept = mtp.num_depths * (8 * model.hidden_size * tokens * act / tp + depth.kept)
+            mtp_kept = stage.count("m") * (8 * model.hidden_size * tokens * act / tp + depth.kept)
             transient = max(transient, depth.transient)
         if "L" in stage:
             # Main head: Megatron's vocab-parallel cross-entropy keeps the fp32 softmax of the logits;
@@ -394,6 +396,54 @@ def item_costs(experiment: ExperimentConfig) -> dict[str, list[float]]:
     return {"E": [0.0], "t": trunk, "m": [depth] * num_depths, "L": [head * (1 + num_depths) / tp]}
 
 
+LAYER_COSTS_SCHEMA = "mtp_plugin.layer_costs/1"
+
+
+def measured_item_costs(experiment: ExperimentConfig, costs: dict) -> dict[str, list[float]]:
+    """`item_costs` in milliseconds from a costs file of `benchmarks/layer_costs.py` (one GPU, parallel
+    sizes 1): each trunk layer its kind's forward + backward (plus its forward again under full
+    recompute), each depth one depth's, the loss stage the main head's plus one depth head's per depth.
+
+    The file's shape need not be the experiment's (a scaled-down shape that fits one GPU): the layer
+    counts, D and the recompute choice are the experiment's, the per-piece times the file's.
+    """
+    if costs.get("schema") != LAYER_COSTS_SCHEMA:
+        raise ValueError(
+            f"costs file schema {costs.get('schema')!r} is not {LAYER_COSTS_SCHEMA!r}; write it with "
+            "benchmarks/layer_costs.py"
+        )
+    items = costs["items"]
+    model, par = experiment.model, experiment.parallel
+    needed = ["embedding", "depth", "head", "depth_head"]
+    needed += ["moe_layer"] if model.is_moe else []
+    needed += ["dense_layer"] if not model.is_moe or model.first_dense_layers else []
+    missing = [name for name in needed if name not in items]
+    if missing:
+        raise ValueError(
+            f"costs file has no {', '.join(missing)}; measure it with benchmarks/layer_costs.py for a model "
+            f"{'with' if model.is_moe else 'without'} experts"
+        )
+
+    def layer(name: str, recomputed_full: bool) -> float:
+        item = items[name]
+        return item["fwd_bwd_ms"] + (item["fwd_ms"] if recomputed_full else 0.0)
+
+    trunk = []
+    for i in range(model.num_layers):
+        full = par.recompute_granularity == "full" and (
+            par.recompute_method == "uniform" or i < (par.recompute_num_layers or 0)
+        )
+        trunk.append(layer("moe_layer" if layer_is_moe(model, i) else "dense_layer", full))
+    num_depths = experiment.mtp.num_depths
+    head = items["head"]["fwd_bwd_ms"] + num_depths * items["depth_head"]["fwd_bwd_ms"]
+    return {
+        "E": [items["embedding"]["fwd_bwd_ms"]],
+        "t": trunk,
+        "m": [items["depth"]["fwd_bwd_ms"]] * num_depths,
+        "L": [head],
+    }
+
+
 def stage_costs(stages: tuple[str, ...], costs: dict[str, list[float]]) -> list[float]:
     counters = {"E": 0, "t": 0, "m": 0, "L": 0}
     out = []
@@ -417,11 +467,11 @@ PLACEMENTS = {
     "last": "every depth, the head and the loss on the last stage (Megatron's default)",
     "mtp_stage": "the depths on the last trunk stage, the head and loss on a stage of their own (t m | L)",
     "standalone": "the depths on a stage of their own, then a loss stage (m | L)",
-    "split": "one depth per stage on consecutive stages, the loss with the last depth (not built yet)",
+    "split": "the depths spread over two or more consecutive stages after the trunk (mtp.placement=split)",
 }
 
 
-def _allowed(placement: str, segment: str, is_last: bool) -> bool:
+def _allowed(placement: str, segment: str, is_last: bool, num_depths: int) -> bool:
     m = segment.count("m")
     if placement == "last":
         return is_last or not (m or "L" in segment)
@@ -434,7 +484,7 @@ def _allowed(placement: str, segment: str, is_last: bool) -> bool:
             return segment == "L"
         return not m or set(segment) == {"m"}
     if placement == "split":
-        return m <= 1
+        return m < num_depths  # no stage holds every depth: they spread over two or more stages
     raise ValueError(f"unknown placement {placement!r}; use one of {sorted(PLACEMENTS)}")
 
 
@@ -456,7 +506,7 @@ def balanced_layout(placement: str, num_stages: int, costs: dict[str, list[float
         for i in range(j, n + 1):
             for start in range(j - 1, i):
                 if best[j - 1][start] == inf or not _allowed(
-                    placement, items[start:i], i == n and j == num_stages
+                    placement, items[start:i], i == n and j == num_stages, len(costs["m"])
                 ):
                     continue
                 value = max(best[j - 1][start], prefix[i] - prefix[start])
@@ -496,16 +546,28 @@ class PlacementResult:
     step_time: float
     num_micro_batches: int
     step_time_rel: float = 1.0
+    unit: str = "flops"  # of stage_costs and step_time: "flops" (training FLOPs) or "ms" (measured)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "name": self.name,
             "description": self.description,
             "layout": layout_string(self.stages),
-            "stage_tflops": [c / 1e12 for c in self.stage_costs],
             "step_time_rel": self.step_time_rel,
             "idle_fraction": self.idle_fraction,
+            "stage_spread": self.stage_spread,
         }
+        if self.unit == "ms":
+            out.update(stage_ms=list(self.stage_costs), step_time_ms=self.step_time)
+        else:
+            out["stage_tflops"] = [c / 1e12 for c in self.stage_costs]
+        return out
+
+    @property
+    def stage_spread(self) -> float:
+        """(slowest - fastest) / slowest stage: 0 when the stages are balanced."""
+        slowest = max(self.stage_costs)
+        return (slowest - min(self.stage_costs)) / slowest if slowest else 0.0
 
     @property
     def idle_fraction(self) -> float:
@@ -515,10 +577,17 @@ class PlacementResult:
 
 
 def compare_placements(
-    experiment: ExperimentConfig, configured: tuple[str, ...], num_micro_batches: int
+    experiment: ExperimentConfig,
+    configured: tuple[str, ...],
+    num_micro_batches: int,
+    measured: dict | None = None,
 ) -> list[PlacementResult]:
-    """The configured layout, then each MTP placement with its trunk balanced, relative to `last`."""
-    costs = item_costs(experiment)
+    """The configured layout, then each MTP placement with its trunk balanced, relative to `last`.
+
+    measured: a costs file of `benchmarks/layer_costs.py` (stage costs in ms); default the FLOPs model.
+    """
+    costs = item_costs(experiment) if measured is None else measured_item_costs(experiment, measured)
+    unit = "flops" if measured is None else "ms"
     pp = len(configured)
     results = [
         PlacementResult(
@@ -528,6 +597,7 @@ def compare_placements(
             stage_costs=stage_costs(configured, costs),
             step_time=0.0,
             num_micro_batches=num_micro_batches,
+            unit=unit,
         )
     ]
     if experiment.mtp.num_depths:
@@ -545,6 +615,7 @@ def compare_placements(
                     stage_costs=stage_costs(stages, costs),
                     step_time=0.0,
                     num_micro_batches=num_micro_batches,
+                    unit=unit,
                 )
             )
     for r in results:

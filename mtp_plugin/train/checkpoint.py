@@ -45,6 +45,10 @@ RUN_CONFIG = "run_config.json"
 # Settings a checkpoint is bound to. Parallel layout, lr schedule, intervals and paths may change on resume.
 RUN_CONFIG_GROUPS = ("model", "mtp", "data")
 RESUMABLE_DATA_FIELDS = ("cache_dir",)
+# Where the MTP depths run is pipeline layout, like the parallel sizes: each depth is saved under its global
+# index whatever stage holds it, so a checkpoint moves between `last`, `stage` and `split` (recorded, not
+# compared).
+RESUMABLE_MTP_KEYS = ("mtp.placement", "mtp.mtp_stage")
 # A finished backend=deepspeed checkpoint (DeepSpeed's engine files) holds this JSON: format, iteration, layout.
 DEEPSPEED_MARKER = "deepspeed_checkpoint.json"
 # Written last into a finished checkpoint: {"files": {relative path: size in bytes}} of every file before it,
@@ -209,6 +213,7 @@ def run_config_differences(path: str | os.PathLike, current: dict[str, Any]) -> 
         f"{key}={old.get(key, '(absent)')} vs {new.get(key, '(absent)')}"
         for key in sorted(old.keys() | new.keys())
         if old.get(key) != new.get(key)
+        and key not in RESUMABLE_MTP_KEYS
         and not (ratio and lambda_token_field(key) and _scaled(old.get(key), new.get(key), ratio))
     ]
 

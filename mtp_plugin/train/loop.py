@@ -240,6 +240,7 @@ class Trainer:
             pre_process=self.is_first_stage,
             post_process=self.is_last_stage,
             eod_id=cfg.data.eod_id,
+            plan=plan,
         )
         model.to(self.device)
         # bf16 as Megatron-LM's get_model does it: Float16Module casts every parameter, the torch norms'

@@ -2,7 +2,8 @@
 
 One 1-process run and one 2-process run (two stages) share a model and data: their losses must agree, the
 2-stage run's tied embedding / head copies must be bit-identical on both stages after the steps, and the ρ
-meter's FLOPs and bits summed over the two ranks must equal the one process's.
+meter's FLOPs and bits summed over the two ranks must equal the one process's. A 3-process run splits the
+two depths over stages 1 and 2 (`mtp.placement=split`) against the same 1-process run.
 """
 
 from __future__ import annotations
@@ -20,13 +21,25 @@ from mtp_plugin.config import MTPConfig  # noqa: E402
 pytestmark = [pytest.mark.deepspeed, pytest.mark.distributed]
 
 
-def test_one_stage_and_two_stages_train_alike_and_keep_tied_copies_identical():
-    # Tied embedding/head: one module keyed "embed" on both stages (stage 0: the input embedding; stage 1:
-    # the MTP depths' Emb(t_(i+k)) and the head), so the tied-copy check covers both uses.
-    model = tiny_moe_model(untie_embeddings_and_output_weights=False)
-    mtp = MTPConfig(num_depths=2)
-    steps = 3
-    (one,) = run_distributed(train_pipeline, 1, model, mtp, num_stages=1, steps=steps, cpu_shims=False)
+STEPS = 3
+
+
+def _tied_model():
+    # Tied embedding/head: one module keyed "embed" on every stage that embeds (stage 0: the input
+    # embedding; later stages: the MTP depths' Emb(t_(i+k)) and the head), so the tied-copy checks cover both.
+    return tiny_moe_model(untie_embeddings_and_output_weights=False)
+
+
+@pytest.fixture(scope="module")
+def one_stage():
+    (one,) = run_distributed(
+        train_pipeline, 1, _tied_model(), MTPConfig(num_depths=2), num_stages=1, steps=STEPS, cpu_shims=False
+    )
+    return one
+
+
+def test_one_stage_and_two_stages_train_alike_and_keep_tied_copies_identical(one_stage):
+    model, mtp, steps, one = _tied_model(), MTPConfig(num_depths=2), STEPS, one_stage
     two = run_distributed(train_pipeline, 2, model, mtp, num_stages=2, steps=steps, cpu_shims=False)
     assert [r["stage"] for r in two] == [0, 1]
     # Stage 0: embedding + 2 trunk layers; stage 1: 2 trunk layers, final norm, 2 x (lookup, depth), head.
@@ -65,3 +78,20 @@ def test_one_stage_and_two_stages_train_alike_and_keep_tied_copies_identical():
     assert set(ref["pipe_grads"]) == set(ref["ref_grads"]) and len(ref["pipe_grads"]) > 20
     for name, grad in ref["ref_grads"].items():
         torch.testing.assert_close(ref["pipe_grads"][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_split_depths_over_three_stages_train_alike(one_stage):
+    """`mtp.placement=split` at 3 stages: E t t | t t norm (lookup, depth 1) | (lookup, depth 2) head. The
+    tuple gains h^1 on stage 1 and h^2 on stage 2; every stage holds the tied table, kept bit-identical."""
+    mtp = MTPConfig(num_depths=2, placement="split")
+    three = run_distributed(train_pipeline, 3, _tied_model(), mtp, num_stages=3, steps=STEPS, cpu_shims=False)
+    assert [r["stage"] for r in three] == [0, 1, 2] and three[0]["parts"] == [0, 3, 8, 11]
+    for rank in three:
+        torch.testing.assert_close(rank["losses"], one_stage["losses"], rtol=1e-6, atol=0)
+    for got, want in zip(three[2]["metrics"], one_stage["metrics"]):
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=0)
+    assert torch.equal(three[0]["tied"]["embed"], three[1]["tied"]["embed"])
+    assert torch.equal(three[0]["tied"]["embed"], three[2]["tied"]["embed"])
+    assert not torch.equal(one_stage["tied"]["embed"], one_stage["initial_embed"])

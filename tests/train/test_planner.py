@@ -199,6 +199,16 @@ BAD = [
         ["parallel.pipeline_layout=Et*2|t*2mmL"],
         "pipeline layout has 2 stages but pipeline_model_parallel_size=1",
     ),
+    # split (issue 25): more depth stages than depths; depths on stages that are not consecutive
+    (
+        ["parallel.pipeline_model_parallel_size=4", "mtp=d2", "mtp.placement=split", "mtp.mtp_stage=1"],
+        "more depth stages than depths",
+    ),
+    (
+        ["parallel.pipeline_model_parallel_size=4", "mtp=d2", "parallel.pipeline_layout=Et*4|m||mL"],
+        "are not on consecutive stages",
+    ),
+    (["--costs", "/nonexistent/costs.json"], "--costs /nonexistent/costs.json"),
 ]
 
 

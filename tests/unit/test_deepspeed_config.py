@@ -112,3 +112,9 @@ def test_stage_plans_put_the_depths_and_the_head_where_placement_says():
     ]
     with pytest.raises(ValueError, match=r"mtp.mtp_stage=1 with 4 stages leaves stages holding no layer"):
         stage_boundaries(model, MTPConfig(num_depths=2, placement="stage", mtp_stage=1), 4)
+    # split: (lookup, depth) pairs on consecutive stages after the trunk, the head with the last depth.
+    assert stage_boundaries(model, MTPConfig(num_depths=2, placement="split"), 3) == [0, 3, 8, 11]
+    assert stage_boundaries(model, MTPConfig(num_depths=3, placement="split"), 4) == [0, 3, 8, 10, 13]
+    assert stage_boundaries(model, MTPConfig(num_depths=3, placement="split"), 3) == [0, 3, 10, 13]
+    with pytest.raises(ValueError, match="more depth stages than depths"):
+        stage_boundaries(model, MTPConfig(num_depths=2, placement="split", mtp_stage=1), 4)

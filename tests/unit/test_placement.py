@@ -39,6 +39,43 @@ def test_explicit_layout_mtp_on_its_own_stage():
     assert plan.stages == ("Ett", "tt", "mmmL") and plan.mtp_stage == 2
 
 
+@pytest.mark.parametrize(
+    ("pp", "depths", "stages"),
+    [
+        (3, 2, ("Ett", "ttm", "mL")),  # one depth per stage after the trunk
+        (4, 3, ("Ett", "ttm", "m", "mL")),
+        (3, 3, ("Ett", "ttmm", "mL")),  # more depths than depth stages: the earlier stages take one more
+        (2, 2, ("Ett", "ttmmL")),  # one depth stage: `last`
+    ],
+)
+def test_split_placement(pp, depths, stages):
+    plan = plan_pipeline(num_layers=4, num_depths=depths, pipeline_size=pp, placement="split")
+    assert plan.stages == stages and plan.mtp_stage == 1
+    assert plan.is_split == (pp > 2)
+    assert [list(plan.depths_on(s)) for s in range(pp)][1:] == [
+        list(range(1 + "".join(stages[:s]).count("m"), 1 + "".join(stages[: s + 1]).count("m")))
+        for s in range(1, pp)
+    ]
+    assert plan.embedding_stages == tuple(range(pp))
+
+
+def test_split_layout_and_what_megatron_gets():
+    """Megatron asserts one MTP stage: it gets the same trunk with every depth on the first depth stage."""
+    plan = plan_pipeline(num_layers=4, num_depths=3, pipeline_size=4, layout="Et*2|t*2m|m|mL")
+    assert plan.stages == ("Ett", "ttm", "m", "mL") and plan.mtp_stage == 1
+    assert plan.megatron_layout == "Ett|ttmmm||L"
+    assert [list(plan.depths_on(s)) for s in range(4)] == [[], [1], [2], [3]]
+    plan = plan_pipeline(num_layers=4, num_depths=2, pipeline_size=4, layout="Et|t|t*2m|mL")
+    assert plan.embedding_stages == (0, 2, 3) and plan.megatron_layout == "Et|t|ttmm|L"
+    assert plan.embedding_ranks_fn(tied_head=False)([10, 11, 12, 13]) == [10, 12, 13]
+    # A split with a loss-only stage after the depths
+    plan = plan_pipeline(num_layers=4, num_depths=2, pipeline_size=4, layout="Et*2|t*2m|m|L")
+    assert plan.embedding_stages == (0, 1, 2) and plan.depths_on(3) == range(3, 3)
+    # Not split: Megatron gets the layout as it is.
+    plan = plan_pipeline(num_layers=4, num_depths=2, pipeline_size=3, layout="Ett|ttmm|L")
+    assert not plan.is_split and plan.megatron_layout == "Ett|ttmm|L"
+
+
 def test_parse_layout():
     assert parse_layout("Et*3|t m*2|L") == ("Ettt", "tmm", "L")
     # Megatron's grammar: (...)*n groups, which may span stages, and cosmetic commas.
@@ -56,8 +93,18 @@ def test_parse_layout():
         (dict(pipeline_size=4, placement="stage", mtp_stage=1), "without work"),
         (dict(layout="Et*2|mt*2|L"), "before the trunk's last decoder layer"),
         (dict(layout="Et*2|t*2|mL", num_depths=2), "MTP depths 'm' but mtp.num_depths=2"),
-        (dict(layout="Et*4|m|mL", num_depths=2), "all MTP depths must be on one stage"),
-        (dict(layout="Et*4m||L", num_depths=1), "stage 1 has no work"),
+        # split: depths over consecutive stages after the trunk's last layer, never on stage 0
+        (dict(layout="Et*2|mt*2|mL", num_depths=2), "before the trunk's last decoder layer"),
+        (dict(layout="Et*2m|t*2|mL", num_depths=2), "cannot run on stage 0"),
+        (dict(layout="Et*4|m|t|mL", num_depths=2, num_layers=5, pipeline_size=4), "before the trunk's last"),
+        (dict(layout="Et*4|m||mL", num_depths=2, pipeline_size=4), r"stages \[1, 3\] are not on consecutive"),
+        (dict(placement="split", mtp_stage=1, num_depths=1), "more depth stages than depths"),
+        (dict(placement="split", mtp_stage=0, num_depths=2), "first depth stage must be in 1..2"),
+        (
+            dict(placement="split", num_depths=2, num_layers=5),
+            "not divisible across 2 stages up to the first",
+        ),
+        (dict(layout="Et*4||mL", num_depths=1), "stage 1 has no work"),
         (
             dict(layout="Et*4|mL", num_depths=1, pipeline_size=3),
             "2 stages but pipeline_model_parallel_size=3",
