@@ -169,7 +169,8 @@ def _loss_table(rank_results: list[dict]) -> dict:
 def _check_case(reference: dict, rank_results: list[dict], case: dict) -> None:
     ref_table, table = _loss_table([reference]), _loss_table(rank_results)
     assert set(table) == set(ref_table)
-    assert len(table) == GLOBAL_MICROBATCHES * (1 + 2 * case["depths"])
+    # lm loss, each depth's loss and acceptance, the chain accept length
+    assert len(table) == GLOBAL_MICROBATCHES * (2 + 2 * case["depths"])
     for key, (value, count) in table.items():
         assert count == ref_table[key][1], key
         assert value == pytest.approx(ref_table[key][0], rel=1e-5), key
