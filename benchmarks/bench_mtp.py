@@ -514,7 +514,6 @@ def _shape_args(args) -> list[str]:
         "micro_batch",
         "chunk_tokens",
         "steps",
-        "profile",
         "warmup",
         "lam",
         "dtype",
@@ -889,7 +888,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--breakdown", action="store_true", help="time one depth's parts, native vs fused (CUDA)")
     p.add_argument("--breakdown-reps", type=int, default=10)
-    p.add_argument("--profile", default="", help="comma-separated configurations to profile one step of")
     p.add_argument("--no-head", action="store_true", help="skip timing the head alone (CUDA)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
