@@ -1,27 +1,32 @@
-"""Step time and peak GPU memory: no MTP, Megatron's native MTP, the plugin's MTP (plain and chunked loss).
+"""Step time and peak GPU memory: no MTP, Megatron's native MTP, the plugin's MTP, in interleaved rounds.
 
-Shape (DESIGN.md §6): hidden 1024, 8 layers (all MoE, 16 experts top-2, expert FFN 4096), 16 heads,
+Shapes (`--shape`): `bench`, DESIGN.md §6's (hidden 1024, 8 layers, all MoE with 16 experts top-2 and
+expert FFN 4096, 16 heads), host-bound on one H100/H200; `gpu-bound` (hidden 2048, 4 layers, 4 experts
+top-2 with expert FFN 6144), chosen so that the GPU and not Python sets the step (BENCHMARKS.md). Both:
 vocab 50304, seq 2048, micro-batch 4, bf16, Megatron's local spec (no TransformerEngine), pp=tp=ep=1.
 One step = forward + backward + optimizer (Megatron DDP, fp32 grad buffers, Megatron's bf16 Adam with
-fp32 master weights), one micro-batch of fixed random tokens. Step time: median over `--steps` after
-`--warmup`. Memory (torch.cuda allocator, not the reserved pool): `peak` is max_memory_allocated over
+fp32 master weights, clip 1.0), one micro-batch of fixed random tokens.
+
+Measurement (issue 24): `--rounds` interleaved rounds over the configurations (each round starts one
+configuration later); each configuration-round builds its model, runs `--warmup` steps and times
+`--steps` (host clock around a synchronised step). Per configuration: the median over rounds of the
+round medians, the rounds' spread, the GPU kernel time of one profiled step (last round; torch.profiler),
+its share of the step, kernel launches and host reads of device values (`aten::_local_scalar_dense`).
+Memory (first round; torch.cuda allocator, not the reserved pool): `peak` is max_memory_allocated over
 the warm-up and timed steps (reset after the first step, once Adam's states exist); one more untimed
-step splits it into the forward+backward peak and the optimizer-step peak, and `kept after fwd` is what
-the forward holds for backward (allocated at the end of the forward minus allocated before the step;
-for native MTP this includes every depth's logits, for the chunked path only the head gradients).
-Each configuration runs in its own process (clean allocator; Megatron's native MTP keeps a
-process-global loss tracker).
+step splits it into forward+backward and optimizer peaks and what the forward keeps for backward.
+Configurations run in this process one after another (a warm-up per round; Megatron's native MTP keeps a
+process-global tracker, cleared per configuration), or each in a fresh process with `--isolated`.
 
-    python benchmarks/bench_mtp.py --out bench.json --table bench.md
+    python benchmarks/bench_mtp.py --shape gpu-bound --out bench.json --table bench.md
 
-Configurations: `none`, `none-L{n}` (no MTP, n trunk layers: `none-L9` is one more layer than the
-shape's 8, the arithmetic of an MTP depth without its head), `native-D{k}`, `plugin-D{k}`
-(loss_chunk_tokens=0: full logits per depth), `chunked-D{k}` (loss_chunk_tokens=--chunk-tokens, head +
-CE with grads made in forward, softmax work in fp32 torch ops) and `fused-D{k}` (the same with the Triton
-kernels on the bf16 logits chunk, mtp.loss_kernel=triton). On CUDA the driver also times the head's three
-GEMMs alone ([tokens x hidden] x [hidden x vocab] forward, and the two backward products) and the head +
-CE alone per implementation (`head` in the JSON); `--profile NAMES` adds the top CUDA kernels of one
-step of those configurations. Every result has `impl`, `D`, `ms` (median), `ms_min` and `peak_gib`.
+Configurations: `none`, `none-L{n}` (no MTP, n trunk layers: one more than the shape's is the arithmetic
+of an MTP depth without its head), `native-D{k}`, `plugin-D{k}` (loss_chunk_tokens=0: full logits per
+head), `chunked-D{k}` (loss_chunk_tokens=--chunk-tokens, torch ops) and `fused-D{k}` (the same with the
+Triton kernels, mtp.loss_kernel=triton; the main head on the same path). On CUDA the driver also times
+the head's three GEMMs and eh_proj's three alone, and head + CE alone per implementation (`head` in the
+JSON); `--breakdown` times each part of depth 1 alone for native and the plugin. The script prints one
+met/missed line per target of issue 24.
 """
 
 from __future__ import annotations
@@ -509,7 +514,6 @@ def _shape_args(args) -> list[str]:
         "micro_batch",
         "chunk_tokens",
         "steps",
-        "profile",
         "warmup",
         "lam",
         "dtype",
@@ -884,7 +888,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--breakdown", action="store_true", help="time one depth's parts, native vs fused (CUDA)")
     p.add_argument("--breakdown-reps", type=int, default=10)
-    p.add_argument("--profile", default="", help="comma-separated configurations to profile one step of")
     p.add_argument("--no-head", action="store_true", help="skip timing the head alone (CUDA)")
     p.add_argument("--only", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)

@@ -109,8 +109,9 @@ class MTPConfig:
       need D >= 1.
     lambda_schedule: λ(consumed tokens) weighting Σ_k w_k L_k against the main loss.
     depth_weights: w_k, non-negative, summing to 1; empty means 1/D each (DeepSeek-V3).
-    loss_chunk_tokens: tokens per chunk of the fused head + cross-entropy of the MTP depths (default
-      4096: no depth ever holds its full [tokens x vocab] logits); 0 materialises full logits.
+    loss_chunk_tokens: tokens per chunk of the fused head + cross-entropy of the MTP depths, and of the
+      main head while depths are scored (default 4096: no head ever holds its full [tokens x vocab]
+      logits); 0 materialises full logits.
     loss_kernel: the chunked path's softmax work: "auto" (Triton kernels on CUDA, torch ops elsewhere),
       "triton" (CUDA only) or "torch" (fp32 torch ops on any device, the reference).
     mask_across_eod: per-document targets: a depth-k target in the next document is not scored.

@@ -185,3 +185,30 @@ def _megatron_version():
     from packaging.version import Version
 
     return Version(version("megatron-core"))
+
+
+def _host_reads_worker(chunk_tokens: int):
+    """Host reads of device values (`aten::_local_scalar_dense`) in one plugin forward + loss, D = 1 vs 3."""
+    from megatron_cpu import TinyGPT, build_tiny_plugin_gpt, make_microbatches
+    from torch.profiler import ProfilerActivity, profile
+
+    from mtp_plugin.megatron import mtp_loss_func
+    from mtp_plugin.megatron.step import forward_batch
+
+    reads = {}
+    for num_depths in (1, 3):
+        shape = TinyGPT(num_layers=2, mtp_num_layers=num_depths)  # dense: the layers read nothing back
+        model = build_tiny_plugin_gpt(shape, loss_chunk_tokens=chunk_tokens)
+        (batch,) = make_microbatches(shape, 1, 2, seed=5, mask_tail=2)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            loss, _, _ = mtp_loss_func(batch["loss_mask"], forward_batch(model, batch), lam=LAMBDA)
+        reads[num_depths] = sum(e.count for e in prof.key_averages() if e.key == "aten::_local_scalar_dense")
+    return reads
+
+
+def test_scoring_more_depths_adds_no_host_sync():
+    """The loss path reads the device once per forward (the label check), whatever the number of depths
+    (the main head and every depth on the chunked path; the plain path shares the check)."""
+    (reads,) = run_distributed(_host_reads_worker, 1, 5, parallel=dict(), timeout=120)
+    assert reads[1] >= 1  # the label-range check
+    assert reads[3] == reads[1], reads
