@@ -103,19 +103,28 @@ def _number_tolerance(text: str) -> float:
     return 0.5 * 10 ** (int(exponent or 0) - decimals) * (1 + 1e-9)
 
 
-def _log_fields(line: str) -> dict[str, str]:
-    """{field: the number as README writes it} of a log line (`key: value` between ` | `)."""
+def _log_fields(line: str) -> dict[str, str] | None:
+    """{field: the number as README writes it} of a sample log line (`key: value` between ` | `, `...`
+    for parts left out); None if a part is neither, so that a placeholder can never pass."""
     fields = {}
     for part in line.split(" | ")[1:]:
-        key, sep, value = part.strip().rstrip("|").strip().rpartition(": ")
-        if sep and re.fullmatch(r"[-+0-9.eE]+", value):
-            fields[key.removesuffix(" value")] = value
+        part = part.strip().rstrip("|").strip()
+        if part in ("", "..."):
+            continue
+        key, sep, value = part.rpartition(": ")
+        if not (sep and re.fullmatch(r"[-+]?[0-9.]+([eE][-+]?[0-9]+)?", value)):
+            return None
+        fields[key.removesuffix(" value")] = value
     return fields
 
 
 def _matches(sample: str, printed: str) -> bool:
     expected = logs.parse_log_line(sample)
     if expected is not None:
+        fields = _log_fields(sample)
+        assert fields is not None, (
+            f"README log line with a part that is neither `key: number` nor `...`: {sample}"
+        )
         got = logs.parse_log_line(printed)
         if got is None or any(
             got.get(k) != expected[k] for k in ("iteration", "validation") if k in expected
@@ -123,7 +132,7 @@ def _matches(sample: str, printed: str) -> bool:
             return False
         return all(
             key in got and abs(got[key] - float(value)) <= _number_tolerance(value)
-            for key, value in _log_fields(sample).items()
+            for key, value in fields.items()
         )
     pattern = ".*?".join(re.escape(piece.strip()) for piece in sample.split("..."))
     return re.search(pattern, printed) is not None
@@ -242,6 +251,9 @@ def test_readme_parsing():
     assert _matches("[...] iteration 10/100 | consumed tokens: 10240 | ... | lm loss: 9.402E+00 |", line)
     assert not _matches("[...] iteration 10/100 | lm loss: 9.401E+00 |", line)
     assert not _matches("[...] iteration 20/100 | lm loss: 9.402E+00 |", line)
+    assert not _matches("[...] iteration 10/100 | mtp_1 loss: 9.402E+00 |", line)  # a field not printed
+    with pytest.raises(AssertionError, match="neither"):
+        _matches("[...] iteration 10/100 | lm loss: LOSS_HERE |", line)
     assert _matches("saved ... at iteration 2", "saved checkpoint /x/iter_0000002 at iteration 2")
     assert not _matches("saved ... at iteration 2", "saved checkpoint /x/iter_0000003 at iteration 3")
 
