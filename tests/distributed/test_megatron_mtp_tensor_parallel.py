@@ -14,7 +14,27 @@ from distributed_utils import run_distributed
 pytestmark = [pytest.mark.megatron, pytest.mark.distributed]
 
 
-def _tp_worker(chunk_tokens: int, tied: bool, sequence_parallel: bool):
+# (loss_chunk_tokens, tied head, sequence parallel at tp=2) by test id.
+CASES = {
+    "plain-untied": (0, False, False),
+    "chunked-tied": (6, True, False),
+    "chunked-sequence-parallel": (6, False, True),
+}
+
+
+def _tp_worker(cases: dict[str, tuple[int, bool, bool]]) -> dict[str, dict]:
+    """Every case in one launch (process start-up and Megatron's import dominate a case's time), each from
+    the RNG state a fresh process starts with, so the tp=1 and tp=2 launches draw the same master weights."""
+    from megatron_cpu import seed_megatron
+
+    out = {}
+    for name, case in cases.items():
+        seed_megatron(1234)
+        out[name] = _tp_case(*case)
+    return out
+
+
+def _tp_case(chunk_tokens: int, tied: bool, sequence_parallel: bool):
     from megatron.core import parallel_state as ps
     from megatron_cpu import TinyGPT, build_tiny_plugin_gpt, make_microbatches, plugin_forward_backward
 
@@ -47,22 +67,19 @@ def _tp_worker(chunk_tokens: int, tied: bool, sequence_parallel: bool):
     }
 
 
-@pytest.mark.parametrize(
-    ("chunk_tokens", "tied", "sequence_parallel"),
-    [(0, False, False), (6, True, False), (6, False, True)],
-    ids=["plain-untied", "chunked-tied", "chunked-sequence-parallel"],
-)
-def test_tp2_matches_tp1(chunk_tokens, tied, sequence_parallel):
-    (ref,) = run_distributed(_tp_worker, 1, chunk_tokens, tied, False, parallel=dict(), timeout=180)
-    tp = run_distributed(
-        _tp_worker,
-        2,
-        chunk_tokens,
-        tied,
-        sequence_parallel,
-        parallel=dict(tensor_model_parallel_size=2),
-        timeout=180,
-    )
+@pytest.fixture(scope="module")
+def runs() -> tuple[dict, list[dict]]:
+    """(tp=1 results by case, each tp=2 rank's results by case): one launch per tensor-parallel size."""
+    tp1_cases = {name: (chunk, tied, False) for name, (chunk, tied, _) in CASES.items()}
+    (ref,) = run_distributed(_tp_worker, 1, tp1_cases, parallel=dict(), timeout=360)
+    tp = run_distributed(_tp_worker, 2, CASES, parallel=dict(tensor_model_parallel_size=2), timeout=360)
+    return ref, tp
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tp2_matches_tp1(runs, case):
+    sequence_parallel = CASES[case][2]
+    ref, tp = runs[0][case], [rank[case] for rank in runs[1]]
     for rank in tp:
         assert rank["metrics"] == pytest.approx(ref["metrics"], rel=1e-5)
         for mb_ref, mb in zip(ref["losses"], rank["losses"]):
