@@ -146,11 +146,24 @@ def expected_hf_fields(model: ModelConfig, config: dict) -> dict[str, object]:
     return {k: v for k, v in expected.items() if k not in skip}
 
 
+# transformers' DeepseekV3Config defaults for keys a published config.json may leave out (DeepSeek-V3's own
+# config.json has no rope_interleave: its weights are interleaved, as Megatron's MLA reads them).
+HF_DEFAULTS = {
+    "rope_interleave": True,
+    "attention_bias": False,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "q_lora_rank": None,
+    "moe_layer_freq": 1,
+}
+
+
 def config_differences(model: ModelConfig, config: dict) -> list[str]:
-    """ "hidden_size=256 (run: 128)" for each config.json field that differs from what `model` implies."""
+    """ "hidden_size=256 (the run's model implies 128)" for each config.json field that differs from what
+    `model` implies."""
     out = []
     for key, want in expected_hf_fields(model, config).items():
-        have = config.get(key)
+        have = config.get(key, HF_DEFAULTS.get(key))
         if key == "rope_scaling" and isinstance(have, dict) and isinstance(want, dict):
             have = {k: have.get(k) for k in want if k not in ("type", "rope_type")}
             want = {k: v for k, v in want.items() if k not in ("type", "rope_type")}
