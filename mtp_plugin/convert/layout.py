@@ -37,13 +37,19 @@ def check_exportable(model: ModelConfig) -> None:
         raise UnsupportedModel(f"model.{field}={getattr(model, field)!r}: {why}")
 
     if not model.multi_latent_attention:
-        # Grouped-query trunks would need a layout such as GLM-4.5's glm4_moe: its routing is sigmoid with
-        # the correction bias too, so the shipped toy/small models (softmax routing) are refused there as well.
-        refuse(
-            "multi_latent_attention",
-            "the DeepSeek-V3 layout needs multi-head latent attention; the closest layout with MTP layers "
-            "for grouped-query attention (glm4_moe) routes with sigmoid scores, which this model does not",
-        )
+        # The closest layout with MTP layers under the same names for grouped-query attention is GLM-4.5's
+        # glm4_moe, whose router is sigmoid with the correction bias as DeepSeek-V3's.
+        if model.moe_router_score_function == "sigmoid":
+            why = (
+                "grouped-query attention with sigmoid routing would be GLM-4.5's glm4_moe layout, which this "
+            )
+            why += "converter does not write yet"
+        else:
+            why = (
+                "the closest layout with MTP layers for grouped-query attention (GLM-4.5's glm4_moe) routes "
+            )
+            why += f"with sigmoid scores, not {model.moe_router_score_function}"
+        refuse("multi_latent_attention", f"the DeepSeek-V3 layout needs multi-head latent attention; {why}")
     if not model.is_moe:
         refuse("num_experts", "the DeepSeek-V3 layout has MoE layers after first_k_dense_replace")
     if model.moe_router_score_function != "sigmoid":

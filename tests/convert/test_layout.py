@@ -80,6 +80,7 @@ def test_the_shipped_deepseek_v3_model_is_the_published_config():
     [
         ("toy", {}, "model.multi_latent_attention=False"),
         ("small", {}, "model.multi_latent_attention=False"),
+        ("small", {"moe_router_score_function": "sigmoid"}, "model.multi_latent_attention=False"),
         (
             "deepseek_v3_tiny",
             {"moe_router_score_function": "softmax", "moe_router_enable_expert_bias": False},
@@ -100,3 +101,5 @@ def test_a_model_no_layout_expresses_is_refused_naming_the_field(name, overrides
         check_exportable(model)
     assert str(err.value).startswith(field + ": ")
     assert "\n" not in str(err.value)
+    if field == "model.multi_latent_attention=False":
+        assert "glm4_moe" in str(err.value)
