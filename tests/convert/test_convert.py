@@ -267,6 +267,19 @@ def test_export_import_export_is_bit_identical_and_a_missing_depth_is_initialise
     assert (imported / "latest").read_text().strip() == "iter_0000000"
     _ok(convert("export", "--checkpoint", str(imported), "--out", str(root / "hf_again")))
     _assert_same_export(trained["hf"], root / "hf_again")
+    # The app starts from it (training.load_dir) at iteration 0.
+    run = run_app(
+        *overrides,
+        "training.train_iters=1",
+        f"training.load_dir={imported}",
+        f"hydra.run.dir={root / 'from_hf'}",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (
+        f"started from the weights in {imported / 'iter_0000000'} (fresh optimizer, iteration 0)"
+        in run.stdout
+    )
+    assert "iteration        1/       1" in run.stdout
 
     # The run trains D = 3; the HF checkpoint has 2 MTP layers: depth 3 starts from the run's initialisation.
     three = root / "imported_d3"
