@@ -271,6 +271,7 @@ def test_export_import_export_is_bit_identical_and_a_missing_depth_is_initialise
     run = run_app(
         *overrides,
         "training.train_iters=1",
+        "training.lr_warmup_iters=0",
         f"training.load_dir={imported}",
         f"hydra.run.dir={root / 'from_hf'}",
     )
