@@ -269,9 +269,9 @@ def test_export_import_export_is_bit_identical_and_a_missing_depth_is_initialise
     _assert_same_export(trained["hf"], root / "hf_again")
     # The app starts from it (training.load_dir) at iteration 0.
     run = run_app(
-        *overrides,
-        "training.train_iters=1",
-        "training.lr_warmup_iters=0",
+        *overrides,  # the same run (its λ schedule is bound to train_iters), stopped after one iteration
+        "training.exit_interval=1",
+        "training.save_dir=null",
         f"training.load_dir={imported}",
         f"hydra.run.dir={root / 'from_hf'}",
     )
@@ -280,7 +280,7 @@ def test_export_import_export_is_bit_identical_and_a_missing_depth_is_initialise
         f"started from the weights in {imported / 'iter_0000000'} (fresh optimizer, iteration 0)"
         in run.stdout
     )
-    assert "iteration        1/       1" in run.stdout
+    assert f"iteration        1/       {ITERS}" in run.stdout
 
     # The run trains D = 3; the HF checkpoint has 2 MTP layers: depth 3 starts from the run's initialisation.
     three = root / "imported_d3"
