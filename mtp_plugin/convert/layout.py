@@ -37,13 +37,19 @@ def check_exportable(model: ModelConfig) -> None:
         raise UnsupportedModel(f"model.{field}={getattr(model, field)!r}: {why}")
 
     if not model.multi_latent_attention:
-        # Grouped-query trunks would need a layout such as GLM-4.5's glm4_moe: its routing is sigmoid with
-        # the correction bias too, so the shipped toy/small models (softmax routing) are refused there as well.
-        refuse(
-            "multi_latent_attention",
-            "the DeepSeek-V3 layout needs multi-head latent attention; the closest layout with MTP layers "
-            "for grouped-query attention (glm4_moe) routes with sigmoid scores, which this model does not",
-        )
+        # The closest layout with MTP layers under the same names for grouped-query attention is GLM-4.5's
+        # glm4_moe, whose router is sigmoid with the correction bias as DeepSeek-V3's.
+        if model.moe_router_score_function == "sigmoid":
+            why = (
+                "grouped-query attention with sigmoid routing would be GLM-4.5's glm4_moe layout, which this "
+            )
+            why += "converter does not write yet"
+        else:
+            why = (
+                "the closest layout with MTP layers for grouped-query attention (GLM-4.5's glm4_moe) routes "
+            )
+            why += f"with sigmoid scores, not {model.moe_router_score_function}"
+        refuse("multi_latent_attention", f"the DeepSeek-V3 layout needs multi-head latent attention; {why}")
     if not model.is_moe:
         refuse("num_experts", "the DeepSeek-V3 layout has MoE layers after first_k_dense_replace")
     if model.moe_router_score_function != "sigmoid":
@@ -146,11 +152,24 @@ def expected_hf_fields(model: ModelConfig, config: dict) -> dict[str, object]:
     return {k: v for k, v in expected.items() if k not in skip}
 
 
+# transformers' DeepseekV3Config defaults for keys a published config.json may leave out (DeepSeek-V3's own
+# config.json has no rope_interleave: its weights are interleaved, as Megatron's MLA reads them).
+HF_DEFAULTS = {
+    "rope_interleave": True,
+    "attention_bias": False,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "q_lora_rank": None,
+    "moe_layer_freq": 1,
+}
+
+
 def config_differences(model: ModelConfig, config: dict) -> list[str]:
-    """ "hidden_size=256 (run: 128)" for each config.json field that differs from what `model` implies."""
+    """ "hidden_size=256 (the run's model implies 128)" for each config.json field that differs from what
+    `model` implies."""
     out = []
     for key, want in expected_hf_fields(model, config).items():
-        have = config.get(key)
+        have = config.get(key, HF_DEFAULTS.get(key))
         if key == "rope_scaling" and isinstance(have, dict) and isinstance(want, dict):
             have = {k: have.get(k) for k in want if k not in ("type", "rope_type")}
             want = {k: v for k, v in want.items() if k not in ("type", "rope_type")}

@@ -172,6 +172,11 @@ def write_weights_only(
                 value = tensor_for(key)
                 if value is None:
                     continue
+                if tuple(value.shape) != tuple(sharded.global_shape):
+                    raise CheckpointError(
+                        f"the source's tensors for {key} have shape {tuple(value.shape)}, the run's model "
+                        f"{tuple(sharded.global_shape)}; the checkpoint does not match its config.json"
+                    )
                 local = value[tuple(slice(o, o + n) for o, n in _offsets(sharded, value.dim()))]
                 sharded.data.copy_(local.reshape(sharded.data.shape))
                 set_count += 1

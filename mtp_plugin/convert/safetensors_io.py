@@ -66,6 +66,10 @@ class ShardWriter:
             "weight_map": dict(sorted(weight_map.items())),
         }
         (self.directory / INDEX).write_text(json.dumps(index_doc, indent=2) + "\n")
+        # safetensors creates its files owner-only; give the shards the index's (umask's) permissions.
+        mode = (self.directory / INDEX).stat().st_mode & 0o777
+        for file in files:
+            os.chmod(self.directory / file, mode)
         return files
 
 

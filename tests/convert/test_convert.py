@@ -267,6 +267,20 @@ def test_export_import_export_is_bit_identical_and_a_missing_depth_is_initialise
     assert (imported / "latest").read_text().strip() == "iter_0000000"
     _ok(convert("export", "--checkpoint", str(imported), "--out", str(root / "hf_again")))
     _assert_same_export(trained["hf"], root / "hf_again")
+    # The app starts from it (training.load_dir) at iteration 0.
+    run = run_app(
+        *overrides,  # the same run (its λ schedule is bound to train_iters), stopped after one iteration
+        "training.exit_interval=1",
+        "training.save_dir=null",
+        f"training.load_dir={imported}",
+        f"hydra.run.dir={root / 'from_hf'}",
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (
+        f"started from the weights in {imported / 'iter_0000000'} (fresh optimizer, iteration 0)"
+        in run.stdout
+    )
+    assert f"iteration        1/       {ITERS}" in run.stdout
 
     # The run trains D = 3; the HF checkpoint has 2 MTP layers: depth 3 starts from the run's initialisation.
     three = root / "imported_d3"
@@ -323,33 +337,41 @@ def test_pp2_tp2_and_ep2_checkpoints_export_the_same_tensors(trained):
         _assert_same_export(trained["hf"], root / f"hf_{name}")
 
 
-def _one_step_worker(overrides: list[str], load_dir: str, from_start: bool) -> dict:
-    """One training step of the app's Trainer from `load_dir`, on the run's first global batch: the step's
-    reduced losses and every parameter's gradient."""
+def _one_step_worker(overrides: list[str], original: str, imported: str) -> dict:
+    """One training step of the app's Trainer from each checkpoint, on the run's first global batch: the
+    step's reduced losses and every parameter's gradient, by checkpoint."""
     from mtp_plugin.train.hydra_app import compose_experiment
     from mtp_plugin.train.loop import Trainer
 
-    trainer = Trainer(
-        compose_experiment([*overrides, f"training.load_dir={load_dir}"]), print_fn=lambda line: None
-    )
-    trainer.setup()
-    if from_start:
-        trainer.consumed_samples = 0  # the same global batch as the imported checkpoint's first step
-    metrics = trainer.train_step()
-    grads = {name: p.main_grad.detach().clone() for name, p in trainer.model.named_parameters()}
-    trainer.close()
-    return {"metrics": metrics, "grads": grads}
+    out = {}
+    for name, load_dir in (("original", original), ("imported", imported)):
+        trainer = Trainer(
+            compose_experiment([*overrides, f"training.load_dir={load_dir}"]), print_fn=lambda _: None
+        )
+        trainer.setup()
+        trainer.consumed_samples = (
+            0  # the original resumes at iteration ITERS: the same batch as the import's
+        )
+        metrics = trainer.train_step()
+        grads = {n: p.main_grad.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.close()
+        out[name] = {"metrics": metrics, "grads": grads}
+    return out
 
 
 def test_a_step_from_the_import_equals_the_step_from_the_original(trained):
     imported = trained["root"] / "imported_for_step"
     _ok(convert("import", str(trained["hf"]), "--out", str(imported), *trained["overrides"]))
-    original = run_distributed(
-        _one_step_worker, 1, trained["overrides"], str(trained["save_dir"]), True, parallel=None, timeout=300
+    steps = run_distributed(
+        _one_step_worker,
+        1,
+        trained["overrides"],
+        str(trained["save_dir"]),
+        str(imported),
+        parallel=None,
+        timeout=400,
     )[0]
-    again = run_distributed(
-        _one_step_worker, 1, trained["overrides"], str(imported), False, parallel=None, timeout=300
-    )[0]
+    original, again = steps["original"], steps["imported"]
     losses = [k for k in original["metrics"] if k.endswith("loss")]
     assert {"lm loss", "mtp_1 loss", "mtp_2 loss"} <= set(losses)
     assert {k: original["metrics"][k] for k in losses} == {k: again["metrics"][k] for k in losses}
