@@ -10,7 +10,9 @@ process-global loss tracker are never used: the loss is returned to the caller's
 The config keeps `mtp_num_layers = D` so that Megatron's pipeline machinery treats the plugin's depths
 as MTP layers: the trunk's final norm sits on the stage of its last layer, a layout with `m` and `L`
 builds and communicates the (1 + D)-times longer hidden states, and the MTP stage gets its embedding
-copy and joins the embedding group whose gradients `finalize_model_grads` sums every step.
+copy and joins the embedding group whose gradients `finalize_model_grads` sums every step. Under a split
+plan (docs/placement.md) each depth stage builds and runs only its own depths (`depths`), receiving
+[h^0; ...; h^j] and sending [h^0; ...; h^k] on.
 
 Post-process output (when labels are given): `(main_loss_bs, depth_loss_sums_d, depth_counts_d3)` with the
 per-token main loss [b, s] (unmasked, as GPTModel returns it), each depth's summed CE over its valid

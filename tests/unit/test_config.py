@@ -18,7 +18,7 @@ def test_defaults_are_valid():
         (dict(num_depths=2, depth_weights=[1.5, -0.5]), "must be non-negative"),
         (dict(num_depths=2, depth_weights=[0.5, 0.6]), "must sum to 1"),
         (dict(loss_chunk_tokens=-4), "loss_chunk_tokens must be >= 0"),
-        (dict(placement="middle"), "use 'last' or 'stage'"),
+        (dict(placement="middle"), "unknown; use 'last', 'stage'"),
         (dict(placement="stage"), "needs mtp.mtp_stage"),
         (dict(placement="stage", mtp_stage=0), "use a stage >= 1"),
     ],
