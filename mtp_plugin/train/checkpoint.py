@@ -577,6 +577,33 @@ def _raise_on_every_rank(problem: str, note: str, *, removed: bool = False) -> N
         )
 
 
+# Per-param-group schedule settings Megatron keeps in each group (the scheduler prefers them to its own),
+# and the fields that tell the groups apart (megatron.core.optimizer's param_group_identifier_keys less these).
+SCHEDULE_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+GROUP_IDENTITY_KEYS = ("optimizer", "wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+def _follow_current_schedule(loaded: Any, current_groups: list[dict]) -> None:
+    """Give the loaded optimizer state's param groups (in place) this run's SCHEDULE_GROUP_KEYS, from the
+    current group they correspond to. A resume follows this run's lr settings: restored as saved, a
+    group's max_lr would drive the schedule whatever training.lr says (megatron-core 0.16), and 0.19 pairs
+    saved and current groups by these values, refusing to load when training.lr changed."""
+
+    def identity(group: dict) -> tuple:
+        return tuple(group.get(key) for key in GROUP_IDENTITY_KEYS)
+
+    current = {identity(g): g for g in current_groups}
+    if isinstance(loaded, dict):
+        for key, value in loaded.items():
+            if key == "param_groups" and isinstance(value, list):
+                for group in value:
+                    mine = current.get(identity(group))
+                    if mine is not None:
+                        group.update({k: mine[k] for k in SCHEDULE_GROUP_KEYS if k in mine})
+            else:
+                _follow_current_schedule(value, current_groups)
+
+
 def load_checkpoint(path: str | os.PathLike, *, model, optimizer, load_rng: bool = True) -> dict[str, Any]:
     """Load `path` into model, optimizer and (with load_rng) this rank's RNG; return the common values
     saved with it (a `WEIGHTS_ONLY` checkpoint: the model alone). dist_checkpointing reshards model and optimizer to this run's layout; the per-rank RNG
@@ -595,6 +622,7 @@ def load_checkpoint(path: str | os.PathLike, *, model, optimizer, load_rng: bool
         del template["rng"]
     state = dist_checkpointing.load(template, str(path))
     model.load_state_dict(state["model"])
+    _follow_current_schedule(state["optimizer"], optimizer.param_groups)
     optimizer.load_state_dict(state["optimizer"])
     if load_rng:
         set_rng_state(state["rng"])

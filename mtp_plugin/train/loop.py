@@ -413,18 +413,11 @@ class Trainer:
         # Per-rank RNG streams belong to the rank layout that drew them; under another layout (Megatron
         # dist_checkpointing reshards model and optimizer) they are skipped, as Megatron-LM's --no-load-rng.
         load_rng = saved_layout is None or saved_layout == self._layout()
-        # Megatron's param groups carry their own max_lr / min_lr, which the scheduler prefers to its
-        # own; loading the optimizer state restores the checkpoint's, so this run's are put back before
-        # the scheduler sets the lr (else a resume with a new training.lr keeps training at the old one).
-        group_lrs = [(g["max_lr"], g["min_lr"]) for g in self.optimizer.param_groups if "max_lr" in g]
         common = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer, load_rng=load_rng)
         if common.get(ckpt.WEIGHTS_ONLY):
             if self.is_logging_rank:
                 self._print(f" started from the weights in {path} (fresh optimizer, iteration 0)")
             return
-        groups = [g for g in self.optimizer.param_groups if "max_lr" in g]
-        for group, (max_lr, min_lr) in zip(groups, group_lrs, strict=True):
-            group["max_lr"], group["min_lr"] = max_lr, min_lr
         self.scheduler.load_state_dict(common["scheduler"])
         self.iteration = int(common["iteration"])
         self.consumed_samples = int(common["consumed_samples"])
