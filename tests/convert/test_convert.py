@@ -272,6 +272,7 @@ def test_export_import_export_is_bit_identical_and_a_missing_depth_is_initialise
         *overrides,  # the same run (its λ schedule is bound to train_iters), stopped after one iteration
         "training.exit_interval=1",
         "training.save_dir=null",
+        "training.save_interval=0",
         f"training.load_dir={imported}",
         f"hydra.run.dir={root / 'from_hf'}",
     )
