@@ -28,12 +28,14 @@ __all__ = [
     "WindowMeter",
     "bits_ceiling",
     "bits_effective",
+    "forward_cost",
     "pack_window",
     "reduce_window",
     "rho_log_fields",
 ]
 
-# Where the FLOPs of a step go; every category is forward + backward (+ recomputed forward) on this rank.
+# Where the FLOPs of a step go; every category is forward + backward (+ recomputed forward) on this rank,
+# forward only for what is not differentiated (`forward_cost`).
 FLOP_CATEGORIES = (
     "attention_projections",  # Q, K, V, output projections of every attention (trunk and MTP blocks)
     "attention_scores",  # Q K^T and A V (causal convention: see the adapter's causal_half)
@@ -45,6 +47,27 @@ FLOP_CATEGORIES = (
     "head",  # the main output head h -> V (padded V, as executed)
     "mtp_heads",  # each MTP depth's output head h -> V
 )
+
+
+def forward_cost(output) -> int:
+    """Forwards' worth of matmul FLOPs a hooked module call costs, judged from its output: 3 when the
+    output is differentiated (the backward of a matmul is two matmuls of its size), else 1.
+
+    A call under ``torch.no_grad`` (the first forward of a recomputed region) or one whose output needs
+    no gradient (frozen weights on constant inputs: a frozen trunk, depths that are only scored) runs
+    its forward only; autograd keeps no graph for it and no backward ever runs it.
+    """
+    if not torch.is_grad_enabled():
+        return 1
+    stack = [output]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, torch.Tensor):
+            if item.requires_grad:
+                return 3
+        elif isinstance(item, tuple | list):
+            stack.extend(item)
+    return 1
 
 
 class FlopTally:

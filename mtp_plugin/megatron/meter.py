@@ -21,17 +21,21 @@ patched) on the modules this rank holds observe the token counts, and the analyt
   experts module (``SequentialMLP``/``GroupedMLP``/``TEGroupedMLP``) on this rank: the tokens the router
   really sent to the local experts this step (padding included under drop-and-pad: it is computed).
   The counts are accumulated where they live (on device) and read once per ``reduce``.
-- MTP projections (``MTPProjection``), the main head (``output_layer``) and each depth's head (a forward
-  hook on ``MTPGPTModel``, whose output carries one loss per depth), on the stage that runs them.
+- MTP projections (``MTPProjection``), the main head (``output_layer``; under ``loss_chunk_tokens > 0``,
+  which scores it without calling ``output_layer``, from the model's output) and each depth's head (a
+  forward hook on ``MTPGPTModel``, whose output carries one loss per depth), on the stage that runs them.
 - Tensor parallelism: each count is divided by the tensor-parallel size (experts: by the expert
   tensor-parallel size); with sequence parallelism the local token count is multiplied back by it. The
   router is counted on the tokens this rank routes.
-- Forward + backward: a hook call under ``torch.is_grad_enabled()`` is a forward that is differentiated,
-  counted x3 (the backward of a matmul is two matmuls of its size). A call with grad disabled while the
-  module is in training mode is the first forward of a recomputed region (Megatron's checkpoint runs it
-  under ``no_grad``; the recompute in backward runs with grad and is counted x3), counted x1. So a
-  recomputed layer costs 4x its forward, as ``config.recompute_granularity`` (full or selective:
-  core_attn, mlp, moe, shared_experts) asks, with no config parsing. Modules in eval mode are not counted.
+- Forward + backward: a hook call whose output is differentiated (grad enabled and the output requires
+  grad) is counted x3 (the backward of a matmul is two matmuls of its size); any other call in training
+  mode x1 (``mtp_plugin.accounting.meter.forward_cost``). That covers the first forward of a recomputed
+  region (Megatron's checkpoint runs it under ``no_grad``; the recompute in backward runs with grad and
+  is counted x3), so a recomputed layer costs 4x its forward, as ``config.recompute_granularity`` (full
+  or selective: core_attn, mlp, moe, shared_experts) asks, with no config parsing; and what is not
+  trained: under ``trunk_gradients="frozen"`` the trunk and the main head (frozen weights on constant
+  inputs keep no graph) cost their forward only, and depths that λ ≡ 0 leaves untrained run without
+  grad and cost theirs. Modules in eval mode are not counted.
 - **Causal convention:** with ``causal_half=True`` (default; Megatron-LM's
   ``num_floating_point_operations`` and the PaLM MFU convention) ``Q K^T`` and ``A V`` count half of the
   full ``s x s`` products; ``causal_half=False`` counts the full products a dense masked softmax runs.
@@ -39,7 +43,8 @@ patched) on the modules this rank holds observe the token counts, and the analyt
   softmax and activations are not counted (flops.py conventions).
 
 The seed's ``6·N_active·T`` is reported next to F: ``N_active`` = matmul weights a token touches in the
-trunk + main head (balanced top-k routing, padded vocabulary), T = main-head tokens trained on.
+trunk + main head (balanced top-k routing, padded vocabulary), T = main-head tokens of the training
+forwards (a frozen trunk's too: 6NT stays the joint step's estimate, for comparison).
 
 **B (bits of the targets this rank scored).** From the caller's ``MTPMetrics`` of the same window
 (``reduce(metrics=...)``): B_ceiling = valid targets x log2 V (main and each depth), B_effective = loss
@@ -70,7 +75,7 @@ from mtp_plugin.accounting.flops import (
     model_forward_flops,
     output_head_flops,
 )
-from mtp_plugin.accounting.meter import WindowMeter
+from mtp_plugin.accounting.meter import WindowMeter, forward_cost
 
 __all__ = ["RhoMeter", "n_active_from_config"]
 
@@ -247,7 +252,7 @@ class RhoMeter(WindowMeter):
         def hook(mod, args, kwargs, output):
             if not mod.training:
                 return
-            fn(args, kwargs, output, 3 if torch.is_grad_enabled() else 1)
+            fn(args, kwargs, output, forward_cost(output))
 
         self._handles.append(module.register_forward_hook(hook, with_kwargs=True))
 
@@ -325,14 +330,16 @@ class RhoMeter(WindowMeter):
         if model.post_process:
             tp_rank0 = self._scores_bits
 
-            def on_head(args, kwargs, out, mult):
-                tokens = _tokens(_tensor_arg(args, kwargs, 0, "input_")) * sp
+            def count_head(tokens: int, mult: int) -> None:
                 add(
                     "head",
                     mult * output_head_flops(hidden_size=h, vocab_size=padded_vocab, num_tokens=tokens) / tp,
                 )
-                if mult == 3 and tp_rank0:
+                if torch.is_grad_enabled() and tp_rank0:
                     self.tally.pending_tokens += tokens
+
+            def on_head(args, kwargs, out, mult):
+                count_head(_tokens(_tensor_arg(args, kwargs, 0, "input_")) * sp, mult)
 
             self._hook(model.output_layer, on_head)
 
@@ -342,10 +349,14 @@ class RhoMeter(WindowMeter):
                     if not (isinstance(out, tuple) and len(out) == 3):
                         return  # logits (no labels): no depth heads ran
                     main_loss_bs, depth_sums, _ = out
+                    if model.loss_chunk_tokens > 0:
+                        # The chunked path scores the main head too, without calling output_layer.
+                        count_head(main_loss_bs.numel(), forward_cost(main_loss_bs))
                     flops = output_head_flops(
                         hidden_size=h, vocab_size=padded_vocab, num_tokens=main_loss_bs.numel()
                     )
-                    add("mtp_heads", mult * depth_sums.shape[0] * flops / tp)
+                    # The depths' own cost: a frozen trunk's main loss needs no backward, the depths' may.
+                    add("mtp_heads", forward_cost(depth_sums) * depth_sums.shape[0] * flops / tp)
 
                 self._hook(model, on_model)
 

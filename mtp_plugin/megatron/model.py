@@ -559,7 +559,9 @@ class MTPGPTModel(GPTModel):
         )
 
     def _depth_losses(self, depth_hidden, head_weight, input_ids, labels, loss_mask):
-        if self.trunk_gradients != "joint":
+        if self.trunk_gradients != "joint" or not self.train_depths:
+            # Untrained depths (λ ≡ 0) are scored for the log only: no graph through the head either,
+            # or the backward would run the depth heads' matmuls for a zero gradient.
             head_weight = head_weight.detach()
         loss_sums, stats_d = [], []
         for k, hidden_sbh in enumerate(depth_hidden, start=1):

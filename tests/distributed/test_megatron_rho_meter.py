@@ -3,7 +3,7 @@
 (a) Σ over ranks of F and B at pp=2 and pp=2 x ep=2 equals the single-process count of the same global
 batch; (b) a router forced to send every token to the experts of one expert-parallel rank moves the
 expert FLOPs onto that rank; (c) per-stage F equals a hand sum of the tiny model's matmuls; recomputed
-layers cost one more forward.
+layers cost one more forward; what is not trained (a frozen trunk, depths under λ ≡ 0) its forward only.
 """
 
 import math
@@ -107,6 +107,7 @@ def _meter_worker(cases):
             pre_process="E" in stage,
             post_process="L" in stage,
             share_embeddings_and_output_weights=False,
+            **case.get("model", {}),
         )
         _init_by_global_name(model, to_global_names)
         model_cfg = ModelConfig(
@@ -139,7 +140,7 @@ def _meter_worker(cases):
             handles = _force_route_to_first_experts(model) if phase == "forced" else []
             metrics = MTPMetrics(NUM_DEPTHS)
             meter.reset()
-            plugin_forward_backward(model, batches, lam=0.3, metrics=metrics)
+            plugin_forward_backward(model, batches, lam=case.get("lam", 0.3), metrics=metrics)
             meter.end_step()
             for handle in handles:
                 handle.remove()
@@ -171,6 +172,9 @@ REFERENCE_CASES = [
         "name": "core_attn_recompute",
         "config": dict(recompute_granularity="selective", recompute_modules=["core_attn"]),
     },
+    {"name": "frozen_trunk", "model": dict(trunk_gradients="frozen")},
+    {"name": "untrained_depths", "model": dict(train_depths=False), "lam": 0.0},  # λ ≡ 0
+    {"name": "chunked_heads", "model": dict(loss_chunk_tokens=24)},
 ]
 
 
@@ -261,6 +265,34 @@ def test_recompute_adds_one_forward(reference):
     # Selective core_attn recomputes the scores of every layer (trunk and MTP blocks), nothing else.
     assert selective["attention_scores"] == pytest.approx(dense["attention_scores"] * 4 / 3, rel=1e-12)
     assert selective["attention_projections"] == dense["attention_projections"]
+
+
+def test_untrained_parts_cost_their_forward_only(reference):
+    dense = reference["dense"]["normal"]["local"]
+    frozen = reference["frozen_trunk"]["normal"]["local"]
+    untrained = reference["untrained_depths"]["normal"]["local"]
+    # Frozen trunk: its layers and the main head run forward only (x1), the depths forward + backward (x3).
+    per_token = NUM_LAYERS * _layer(False) + HEAD + 3 * NUM_DEPTHS * (MTP_PROJ + _layer(False) + HEAD)
+    assert frozen["total"] == per_token * TOKENS
+    assert frozen["head"] == dense["head"] / 3
+    for key in ("mtp_heads", "mtp_projections"):
+        assert frozen[key] == dense[key], key
+    # λ ≡ 0: the depths are scored for the log only (forward), the trunk and main head train (x3).
+    per_token = 3 * (NUM_LAYERS * _layer(False) + HEAD) + NUM_DEPTHS * (MTP_PROJ + _layer(False) + HEAD)
+    assert untrained["total"] == per_token * TOKENS
+    assert untrained["mtp_heads"] == dense["mtp_heads"] / 3 and untrained["head"] == dense["head"]
+    # 6NT stays the joint step's estimate (main-head tokens of the training forwards), for comparison.
+    for name in ("frozen_trunk", "untrained_depths"):
+        fields = reference[name]["normal"]["fields"]
+        assert fields["flops 6NT"] == reference["dense"]["normal"]["fields"]["flops 6NT"], name
+        assert fields["flops"] == reference[name]["normal"]["local"]["total"], name
+
+
+def test_chunked_loss_path_counts_the_main_head(reference):
+    # loss_chunk_tokens > 0 scores the main head without calling output_layer: the same FLOPs and T.
+    chunked = reference["chunked_heads"]["normal"]
+    assert chunked["local"] == reference["dense"]["normal"]["local"]
+    assert chunked["fields"]["flops 6NT"] == reference["dense"]["normal"]["fields"]["flops 6NT"]
 
 
 def test_pp2_sums_match_single_process(reference):

@@ -13,6 +13,7 @@ from mtp_plugin.accounting.meter import (
     WindowMeter,
     bits_ceiling,
     bits_effective,
+    forward_cost,
     pack_window,
     rho_log_fields,
 )
@@ -96,7 +97,7 @@ def _window_metrics(num_depths: int):
     from mtp_plugin.megatron.step import MTPMetrics
 
     metrics = MTPMetrics(num_depths)
-    depth_counts = torch.tensor([[90.0, 40.0]] * num_depths)  # (valid targets, top-1 hits) per depth
+    depth_counts = torch.tensor([[90.0, 40.0, 30.0]] * num_depths)  # (valid targets, top-1 hits, chain hits)
     metrics.update(torch.tensor(200.0), 100, torch.full((num_depths,), 270.0), depth_counts)
     return metrics
 
@@ -128,3 +129,13 @@ def test_window_meter_rejects_metrics_of_other_depths():
         meter.reduce(metrics=_window_metrics(1))
     with pytest.raises(ValueError, match="peak_tflops must be > 0"):
         WindowMeter(num_depths=1, vocab_size=1024, peak_tflops=0.0)
+
+
+def test_forward_cost_counts_a_backward_only_where_one_runs():
+    weight = torch.ones(2, 2, requires_grad=True)
+    frozen = torch.ones(2, 2)
+    x = torch.ones(3, 2)
+    assert forward_cost((x @ weight, None)) == 3  # a tuple output (Megatron's (out, bias)) is searched
+    assert forward_cost(x @ frozen) == 1  # frozen weights on a constant input: no graph, no backward
+    with torch.no_grad():
+        assert forward_cost(x @ weight) == 1  # a recomputed region's first forward
