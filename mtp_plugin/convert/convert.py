@@ -51,10 +51,6 @@ def _temporary_beside(out: Path) -> Path:
     return tmp
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    os.replace(tmp, out)
-
-
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
@@ -114,13 +110,13 @@ def export_checkpoint(
                     for name, value in layout.to_hf(rule, unit.hf_prefix, tensor):
                         writer.add(name, value)
                 if unit.depth:
-                    writer.add(unit.hf_prefix + "embed_tokens.weight", embedding)
-                    writer.add(unit.hf_prefix + "shared_head.head.weight", head)
+                    writer.add(unit.hf_prefix + layout.HF_DEPTH_EMBED, embedding)
+                    writer.add(unit.hf_prefix + layout.HF_DEPTH_HEAD, head)
                 del tensors
                 bar.update(1)
         files = writer.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _publish(tmp, out)
+        os.replace(tmp, out)  # complete: one atomic rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -209,7 +205,7 @@ def import_checkpoint(
                 f"the run's model has no tensor {unset[0]} ({len(unset)} HF tensors unused); the import table "
                 "does not match this megatron-core's model"
             )
-        _publish(tmp, out)
+        os.replace(tmp, out)  # complete: one atomic rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -247,9 +247,10 @@ DEPTH_EXTRAS = [
 EMBEDDING = "embedding.word_embeddings.weight"
 OUTPUT = "output_layer.weight"
 FINAL_NORM = "decoder.final_layernorm.weight"
-# HF names of the shared embedding and head, and their copies in every MTP layer.
+# HF names of the shared embedding, final norm and head; every MTP layer holds copies of the embedding and
+# head under its own prefix (DeepSeek-V3's checkpoint does; vLLM and SGLang read them there).
 HF_EMBED, HF_HEAD, HF_NORM = "model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"
-HF_DEPTH_COPIES = {"embed_tokens.weight": HF_EMBED, "shared_head.head.weight": HF_HEAD}
+HF_DEPTH_EMBED, HF_DEPTH_HEAD = "embed_tokens.weight", "shared_head.head.weight"
 
 
 @dataclass(frozen=True)
