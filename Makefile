@@ -24,6 +24,9 @@ $(STAMP): requirements/lock.txt requirements/dev.txt pyproject.toml
 # two cores: while one worker waits on a process start-up or an import, the other runs). One line per test
 # file as it finishes (tests/conftest.py). It changes nothing on the machine: the slurm tests skip (one line
 # saying why) unless `make slurm-deps` installed Slurm.
+# Leg 1 costs ~17 CPU-minutes (user+sys, 2026-12-06), so one worker alone (13:16 wall on 2026-12-01) left
+# a core idle a third of the time. Chosen over running both legs at once: the legs stay readable one after
+# the other, and `make test` gains the same for a newcomer. PYTEST_PAR= runs one process.
 PYTEST_PAR ?= -n 2 --dist loadfile
 
 test: setup
