@@ -192,13 +192,30 @@ def by_step(records: list[dict], key: str) -> dict[int, float]:
     return out
 
 
-def trained_speculate_model(tmp_path_factory) -> dict[str, Path]:
+# The tiny model with DeepSeek-V3's attention: MLA with q and kv LoRA, latent norms and YaRN (small widths).
+TINY_MLA_OVERRIDES = [
+    "model.multi_latent_attention=true",
+    "model.q_lora_rank=16",
+    "model.kv_lora_rank=16",
+    "model.qk_head_dim=8",
+    "model.qk_pos_emb_head_dim=8",
+    "model.v_head_dim=8",
+    "model.qk_layernorm=true",
+    "model.rope_type=yarn",
+    "model.rotary_scaling_factor=4",
+    "model.original_max_position_embeddings=16",
+]
+
+
+def trained_speculate_model(tmp_path_factory, *overrides: str) -> dict[str, Path]:
     """A 12-iteration app run (D = 2) on the tiny corpus and 4 prompts from its valid split, for the decoder
-    tests (tests/speculate, tests/gpu): {"checkpoint": its save_dir, "prompts": a .jsonl, "root": tmp}."""
+    tests (tests/speculate, tests/gpu): {"checkpoint": its save_dir, "prompts": a .jsonl, "root": tmp}.
+    overrides: more Hydra overrides of the run (TINY_MLA_OVERRIDES)."""
     root = tmp_path_factory.mktemp("speculate")
     train, valid = write_tiny_corpus(root / "data")
     proc = run_app(
         *TINY_MODEL_OVERRIDES,
+        *overrides,
         f"data.train_prefix={train}",
         f"data.valid_prefix={valid}",
         "mtp=d2",

@@ -35,7 +35,8 @@ patched) on the modules this rank holds observe the token counts, and the analyt
   or selective: core_attn, mlp, moe, shared_experts) asks, with no config parsing; and what is not
   trained: under ``trunk_gradients="frozen"`` the trunk and the main head (frozen weights on constant
   inputs keep no graph) cost their forward only, and depths that λ ≡ 0 leaves untrained run without
-  grad and cost theirs. Modules in eval mode are not counted.
+  grad and cost theirs. Under ``detached`` and ``frozen`` the depth heads cost x2: their weight enters
+  the depth losses detached (input gradient, no weight gradient). Modules in eval mode are not counted.
 - **Causal convention:** with ``causal_half=True`` (default; Megatron-LM's
   ``num_floating_point_operations`` and the PaLM MFU convention) ``Q K^T`` and ``A V`` count half of the
   full ``s x s`` products; ``causal_half=False`` counts the full products a dense masked softmax runs.
@@ -356,7 +357,12 @@ class RhoMeter(WindowMeter):
                         hidden_size=h, vocab_size=padded_vocab, num_tokens=main_loss_bs.numel()
                     )
                     # The depths' own cost: a frozen trunk's main loss needs no backward, the depths' may.
-                    add("mtp_heads", forward_cost(depth_sums) * depth_sums.shape[0] * flops / tp)
+                    mult = forward_cost(depth_sums)
+                    if mult == 3 and model.trunk_gradients != "joint":
+                        # detached / frozen: the head weight enters the depth losses detached, so their
+                        # backward computes the input gradient only (one matmul, no weight gradient).
+                        mult = 2
+                    add("mtp_heads", mult * depth_sums.shape[0] * flops / tp)
 
                 self._hook(model, on_model)
 

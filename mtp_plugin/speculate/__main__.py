@@ -185,11 +185,6 @@ def main(argv: list[str] | None = None) -> int:
         sizes = _batch_sizes(args.batch_sizes)
         prompts = _read_prompts(Path(args.prompts), info.model.vocab_size)
         _check_lengths(prompts, args.max_new_tokens, info.model.seq_length)
-        if info.model.multi_latent_attention:
-            raise BadInput(
-                f"{info.path} is an MLA model; the decoder's KV cache is Megatron's static one, which the "
-                "local MLA attention of this stack does not take yet; decode a model without MLA"
-            )
     except BadInput as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -129,7 +129,8 @@ class SpeculativeDecoder:
     def _start(self, prompt_bs: torch.Tensor, max_new_tokens: int, draft_tokens: int):
         batch, prompt_len = prompt_bs.shape
         length = prompt_len + max_new_tokens + draft_tokens + 1
-        self._rope = self.model.rotary_pos_emb(length)
+        # MLA applies its own RoPE (YaRN too) from the context's sequence_len_offset; GPTModel has no table.
+        self._rope = None if self.model.config.multi_latent_attention else self.model.rotary_pos_emb(length)
         return self._context(batch, length)
 
     # ------------------------------------------------------------------ decoding

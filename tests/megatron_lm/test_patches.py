@@ -189,3 +189,58 @@ def test_unmodified_megatron_lm_averages_the_first_two_iterations_after_a_resume
         # Iteration 4: the mean of iterations 3 and 4, as the uninterrupted run's iteration 2 is of 1 and 2.
         assert resumed[1][key] == pytest.approx((whole[2][key] + whole[3][key]) / 2, rel=1e-6), key
         assert resumed[1][key] != pytest.approx(whole[3][key], rel=1e-6), key
+
+
+def _model_state(save_dir: Path) -> dict:
+    """The model tensors of the last checkpoint in a --ckpt-format torch save_dir (one rank)."""
+    import torch
+
+    iteration = (save_dir / "latest_checkpointed_iteration.txt").read_text().strip()
+    path = save_dir / f"iter_{int(iteration):07d}" / "mp_rank_00" / "model_optim_rng.pt"
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return {k: v for k, v in state["model"].items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None,
+    reason="Megatron-LM's megatron/ imports triton (the 0.19.2 leg has it)",
+)
+def test_frozen_trunk_through_pretrain_moves_only_the_depths(tmp_path):
+    """Issue 23's refresh through Megatron-LM's own pretrain(): the patched core_v0.19.0 script trains
+    jointly and saves; a second run with `--mtp-plugin-trunk-gradients frozen --pretrained-checkpoint`
+    (Megatron-LM's own finetune path: weights only, iteration 0, fresh optimizer) trains two iterations.
+    Every trunk, embedding and head tensor it saves is bit-identical to the pretrained one; every depth
+    tensor moved (weight decay 0.01 on: what has no gradient is not in the optimizer)."""
+    import torch
+
+    tag = "core_v0.19.0"
+    tree = _megatron_tree(tag, tmp_path / "tree")
+    script_dir = _checkout(tag, tmp_path / "plugin")
+    subprocess.run(
+        ["git", "apply", str(PATCHES / f"pretrain_gpt_mtp.{tag}.patch")], cwd=script_dir, check=True
+    )
+    pretrained, refreshed = tmp_path / "pretrained", tmp_path / "refreshed"
+    # The legacy torch format: torch_dist's writer starts a multiprocessing Manager that runpy cannot spawn.
+    saving = ["--train-iters", "2", "--save-interval", "2", "--ckpt-format", "torch"]
+    joint = _train(script_dir, tree, *saving, "--save", str(pretrained))
+    frozen = _train(
+        script_dir,
+        tree,
+        *saving,
+        "--save",
+        str(refreshed),
+        "--pretrained-checkpoint",
+        str(pretrained),
+        "--mtp-plugin-trunk-gradients",
+        "frozen",
+    )
+    assert len(joint) == len(frozen) == 2
+    assert all(p["mtp_1 loss"] > 0 and p["mtp_2 loss"] > 0 for p in frozen)
+    before, after = _model_state(pretrained), _model_state(refreshed)
+    assert before.keys() == after.keys()
+    depths = [k for k in before if k.startswith("mtp_stack.")]
+    trunk = [k for k in before if not k.startswith("mtp_stack.")]
+    assert depths and any(k.startswith("decoder.") for k in trunk)
+    assert "embedding.word_embeddings.weight" in trunk  # tied: the head's weight too
+    assert [k for k in trunk if not torch.equal(before[k], after[k])] == []
+    assert [k for k in depths if torch.equal(before[k], after[k])] == []

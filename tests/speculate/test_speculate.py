@@ -3,7 +3,8 @@
 The model is the app's: a real `python -m mtp_plugin.train` run on the tiny corpus (tests/train_tiny.py) saves
 the checkpoint, and the decoder CLI runs as a real process on prompts cut from the corpus's valid split.
 Briefly trained, its depths are right often but not always, so the rounds both accept and reject drafts
-(the cache rollback is exercised); K = 3 > D = 2 also chains depth 2 on itself.
+(the cache rollback is exercised); K = 3 > D = 2 also chains depth 2 on itself. A second, MLA model (the
+tiny model with DeepSeek-V3's attention) decodes exactly too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from train_tiny import REPO, trained_speculate_model
+from train_tiny import REPO, TINY_MLA_OVERRIDES, trained_speculate_model
 
 from mtp_plugin.speculate.__main__ import main
 
@@ -24,7 +25,13 @@ pytestmark = [pytest.mark.megatron, pytest.mark.slow]
 trained = pytest.fixture(scope="module")(trained_speculate_model)
 
 
-def test_speculative_output_equals_plain_greedy_token_for_token(trained):
+@pytest.fixture(scope="module")
+def trained_mla(tmp_path_factory):
+    return trained_speculate_model(tmp_path_factory, *TINY_MLA_OVERRIDES)
+
+
+def _decode(trained, *, new_tokens: int, batch_sizes: str) -> list[dict]:
+    """The CLI as a real process, K = 3 > D = 2; its JSON results, one per batch size."""
     out = trained["root"] / "decode.json"
     proc = subprocess.run(
         [
@@ -32,15 +39,19 @@ def test_speculative_output_equals_plain_greedy_token_for_token(trained):
             "--checkpoint", str(trained["checkpoint"]),
             "--prompts", str(trained["prompts"]),
             "--draft-tokens", "3",
-            "--max-new-tokens", "10",
-            "--batch-sizes", "1,4",
+            "--max-new-tokens", str(new_tokens),
+            "--batch-sizes", batch_sizes,
             "--json", str(out),
         ],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "acceptance by draft position" in proc.stdout
-    results = json.loads(out.read_text())["results"]
+    return json.loads(out.read_text())["results"]
+
+
+def test_speculative_output_equals_plain_greedy_token_for_token(trained):
+    results = _decode(trained, new_tokens=10, batch_sizes="1,4")
     assert [r["batch_size"] for r in results] == [1, 4]
     for r in results:
         assert r["tokens_identical"] == r["tokens_total"] == 4 * 10, r
@@ -51,7 +62,15 @@ def test_speculative_output_equals_plain_greedy_token_for_token(trained):
         assert 1 <= r["tokens_per_round"] <= 4
 
 
-def _fake_checkpoint(root: Path, *, num_depths: int = 2, seq_length: int = 32, mla: bool = False) -> Path:
+def test_mla_model_decodes_exactly_through_the_static_kv_cache(trained_mla):
+    # MLA (q/kv LoRA, YaRN): its attention applies RoPE itself at the context's sequence_len_offset and
+    # caches its per-head K (no-RoPE + RoPE parts) and V in Megatron's static inference context.
+    (r,) = _decode(trained_mla, new_tokens=8, batch_sizes="4")
+    assert r["tokens_identical"] == r["tokens_total"] == 4 * 8, r
+    assert 0 < r["mean_accepted_length"] < 3, r  # drafts accepted and rejected: the rollback ran
+
+
+def _fake_checkpoint(root: Path, *, num_depths: int = 2, seq_length: int = 32) -> Path:
     """A save_dir whose run_config.json says what the CLI checks before it builds anything."""
     from dataclasses import asdict
 
@@ -64,10 +83,11 @@ def _fake_checkpoint(root: Path, *, num_depths: int = 2, seq_length: int = 32, m
     ckpt.mkdir(parents=True)
     (ckpt / "metadata.json").write_text("{}")
     (root / "ckpt" / "latest").write_text("iter_0000001\n")
-    model_dict = asdict(model)
-    if mla:
-        model_dict["multi_latent_attention"] = True
-    config = {"model": model_dict, "mtp": asdict(MTPConfig(num_depths=num_depths)), "data": {"eod_id": 511}}
+    config = {
+        "model": asdict(model),
+        "mtp": asdict(MTPConfig(num_depths=num_depths)),
+        "data": {"eod_id": 511},
+    }
     (ckpt / "run_config.json").write_text(json.dumps(config))
     return root / "ckpt"
 
