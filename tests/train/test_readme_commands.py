@@ -236,8 +236,8 @@ CHECKS: dict[str, str] = {
     f"python -m mtp_plugin.train experiment=small_h100 mtp=d2 mtp.trunk_gradients=frozen "
     f"training.pretrained_checkpoint=outputs/sft/checkpoints hydra.run.dir=outputs/refresh {SFT_DATA}": COMPOSE,
     f"python -m mtp_plugin.train {V3_TINY} hydra.run.dir=outputs/v3": RUN,
-    "python -m mtp_plugin.convert export --checkpoint outputs/v3/checkpoints --out hf/v3_tiny": RUN,
-    f"python -m mtp_plugin.convert import hf/v3_tiny --out from_hf {V3_TINY}": RUN,
+    "python -m mtp_plugin.convert export --checkpoint outputs/v3/checkpoints --out hf_v3_tiny": RUN,
+    f"python -m mtp_plugin.convert import hf_v3_tiny --out from_hf {V3_TINY}": RUN,
     f"python -m mtp_plugin.train {V3_TINY} training.load_dir=from_hf hydra.run.dir=outputs/v3_from_hf": RUN,
 }
 
@@ -390,7 +390,7 @@ def test_mtp_depths_out_to_hugging_face_and_back(workdir):
     assert len(chain) == 4
     for command in chain:
         run_readme(command, workdir)
-    config = json.loads((workdir / "hf" / "v3_tiny" / "config.json").read_text())
+    config = json.loads((workdir / "hf_v3_tiny" / "config.json").read_text())
     assert (config["model_type"], config["num_nextn_predict_layers"]) == ("deepseek_v3", 2)
 
 
