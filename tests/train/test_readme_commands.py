@@ -237,8 +237,8 @@ CHECKS: dict[str, str] = {
     f"training.pretrained_checkpoint=outputs/sft/checkpoints hydra.run.dir=outputs/refresh {SFT_DATA}": COMPOSE,
     f"python -m mtp_plugin.train {V3_TINY} hydra.run.dir=outputs/v3": RUN,
     "python -m mtp_plugin.convert export --checkpoint outputs/v3/checkpoints --out hf_v3_tiny": RUN,
-    f"python -m mtp_plugin.convert import hf_v3_tiny --out from_hf {V3_TINY}": RUN,
-    f"python -m mtp_plugin.train {V3_TINY} training.load_dir=from_hf hydra.run.dir=outputs/v3_from_hf": RUN,
+    f"python -m mtp_plugin.convert import hf_v3_tiny --out $PWD/from_hf {V3_TINY}": RUN,
+    f"python -m mtp_plugin.train {V3_TINY} training.load_dir=$PWD/from_hf hydra.run.dir=outputs/v3_from_hf": RUN,
 }
 
 
