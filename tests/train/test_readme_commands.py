@@ -13,6 +13,7 @@ leg), and the second leg's `-m megatron` run on 0.19 does not repeat them.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -196,6 +197,8 @@ SBATCH_OVERRIDES = (
     "experiment=small_h100 parallel=pp2 data.train_prefix=/lustre/c/train_text_document "
     "data.valid_prefix=/lustre/c/valid_text_document"
 )
+SFT_DATA = "data.train_prefix=data_cache/sft/train_text_document data.valid_prefix=data_cache/sft/valid_text_document"
+V3_TINY = "experiment=deepseek_v3_tiny_demo training.train_iters=2 training.lr_warmup_iters=1"
 CHECKS: dict[str, str] = {
     "make demo": DEMO,
     "make test": CI,
@@ -214,6 +217,9 @@ CHECKS: dict[str, str] = {
     'DS_BUILD_OPS=0 pip install -c requirements/lock.txt "dist/mtp_plugin-0.1.0-py3-none-any.whl[all]"': PACKAGING,
     "cd .. && python -m mtp_plugin.train --cfg job experiment=toy_demo": PACKAGING,
     "python -m mtp_plugin.plan experiment=deepseek_v3_671b": RUN,
+    "printf 'In the beginning God created\\nAnd the LORD said unto Moses\\n' > prompts.txt": RUN,
+    "python -m mtp_plugin.speculate --checkpoint outputs/toy/checkpoints --prompts prompts.txt --draft-tokens 2 "
+    "--max-new-tokens 16 --batch-sizes 1,2": RUN,
     f"sbatch slurm/train.sbatch {SBATCH_OVERRIDES}": COMPOSE,
     f"MTP_LAUNCHER=torchrun sbatch --nodes=4 slurm/train.sbatch {SBATCH_OVERRIDES}": COMPOSE,
     "python -m mtp_plugin.train experiment=smoke_gpu training.exit_interval=30 hydra.run.dir=outputs/smoke": COMPOSE,
@@ -225,6 +231,14 @@ CHECKS: dict[str, str] = {
     "--mtp-plugin-lambda-boundaries 10e12": EXTERNAL,
     "torchrun --nproc-per-node 4 -m mtp_plugin.train backend=deepspeed parallel=pp2_ep2 mtp=d2": COMPOSE,
     "examples/deepspeed/train_toy.sh": COMPOSE,
+    f"python -m mtp_plugin.train experiment=small_h100 mtp=d2 mtp.lambda_schedule.value=0 "
+    f"training.pretrained_checkpoint=outputs/pretrain/checkpoints hydra.run.dir=outputs/sft {SFT_DATA}": COMPOSE,
+    f"python -m mtp_plugin.train experiment=small_h100 mtp=d2 mtp.trunk_gradients=frozen "
+    f"training.pretrained_checkpoint=outputs/sft/checkpoints hydra.run.dir=outputs/refresh {SFT_DATA}": COMPOSE,
+    f"python -m mtp_plugin.train {V3_TINY} hydra.run.dir=outputs/v3": RUN,
+    "python -m mtp_plugin.convert export --checkpoint outputs/v3/checkpoints --out hf_v3_tiny": RUN,
+    f"python -m mtp_plugin.convert import hf_v3_tiny --out $PWD/from_hf {V3_TINY}": RUN,
+    f"python -m mtp_plugin.train {V3_TINY} training.load_dir=$PWD/from_hf hydra.run.dir=outputs/v3_from_hf": RUN,
 }
 
 
@@ -347,11 +361,37 @@ def test_make_demo_first_log_line(workdir, tmp_path):
     assert_sample(readme_sample("the numbers shortened"), output)
 
 
-@pytest.mark.slow
-def test_resume_commands(workdir):
+@pytest.fixture(scope="module")
+def toy_checkpoint(workdir) -> Path:
+    """README's two resume commands, as printed: outputs/toy/checkpoints, which the decoding section reads."""
     first, second = [c for c in CHECKS if "hydra.run.dir=outputs/toy" in c]
     run_readme(first, workdir)
     run_readme(second, workdir)
+    return workdir / "outputs" / "toy" / "checkpoints"
+
+
+@pytest.mark.slow
+def test_resume_commands(toy_checkpoint):
+    assert (toy_checkpoint / "latest").read_text().strip() == "iter_0000004"
+
+
+@pytest.mark.slow
+def test_speculative_decoding_of_the_toy_checkpoint(toy_checkpoint, workdir):
+    """The sample's `32/32 (2/2 prompts)`: speculative output identical to plain greedy, at both batch sizes."""
+    write_prompts, decode = [c for c in CHECKS if c.startswith(("printf ", "python -m mtp_plugin.speculate"))]
+    run_readme(write_prompts, workdir)
+    run_readme(decode, workdir)
+
+
+@pytest.mark.slow
+def test_mtp_depths_out_to_hugging_face_and_back(workdir):
+    """Two iterations of the MLA preset, its export with both MTP layers, the import, and a run from it."""
+    chain = [c for c in CHECKS if "deepseek_v3_tiny_demo" in c or "convert export" in c]
+    assert len(chain) == 4
+    for command in chain:
+        run_readme(command, workdir)
+    config = json.loads((workdir / "hf_v3_tiny" / "config.json").read_text())
+    assert (config["model_type"], config["num_nextn_predict_layers"]) == ("deepseek_v3", 2)
 
 
 @pytest.mark.slow
