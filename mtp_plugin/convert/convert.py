@@ -212,6 +212,6 @@ def import_checkpoint(
     seconds = time.perf_counter() - start
     log(
         f" imported {source.directory} -> {out}/{ckpt.checkpoint_name(0)}: {model.num_layers} layers + "
-        f"{min(hf_depths, depths)} MTP layer(s) in {seconds:.1f} s; train from it with training.load_dir={out}"
+        f"{min(hf_depths, depths)} MTP layer(s) in {seconds:.1f} s; train from it with training.load_dir={out.resolve()}"
     )
     return {"seconds": seconds, "path": str(out)}
