@@ -121,9 +121,31 @@ def run_distributed(
     seed: torch and Megatron RNG seed, identical on every rank.
     timeout: seconds for the whole run; on expiry all workers are killed and TimeoutError raised.
     """
+    # free_port() only finds a port that was free a moment ago; with test files running side by side
+    # (pytest-xdist) another process can take it before rank 0 listens on it. That launch never started
+    # the test: launch again on another port.
+    for attempt in range(3):
+        try:
+            return _launch(fn, world_size, free_port(), args, kwargs, parallel, cpu_shims, seed, timeout)
+        except DistributedTestError as err:
+            if "EADDRINUSE" not in str(err) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _launch(
+    fn: Callable | str,
+    world_size: int,
+    port: int,
+    args: tuple,
+    kwargs: dict,
+    parallel: dict | None,
+    cpu_shims: bool,
+    seed: int,
+    timeout: float,
+) -> list[Any]:
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
-    port = free_port()
     procs = [
         ctx.Process(
             target=_worker,
