@@ -7,6 +7,7 @@ an output path that exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,11 +45,19 @@ def _check_new_output(out: Path) -> None:
         )
 
 
-def _temporary_beside(out: Path) -> Path:
+@contextlib.contextmanager
+def _written_beside(out: Path):
+    """A temporary directory beside `out`, renamed to `out` once the block completes and removed if it fails:
+    a reader never sees a half-written output."""
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    return tmp
+    try:
+        yield tmp
+        os.replace(tmp, out)  # complete: one atomic rename
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _progress(total: int, desc: str):
@@ -94,8 +103,7 @@ def export_checkpoint(
     dtype = source.shapes[layout.EMBEDDING][1]
     config = layout.hf_config(model, depths, dtype=dtype)
     start = time.perf_counter()
-    tmp = _temporary_beside(out)
-    try:
+    with _written_beside(out) as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         shared = source.read([layout.EMBEDDING, layout.head_name(model)])
         embedding, head = shared[layout.EMBEDDING], shared[layout.head_name(model)]
@@ -116,10 +124,6 @@ def export_checkpoint(
                 bar.update(1)
         files = writer.close()
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        os.replace(tmp, out)  # complete: one atomic rename
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     seconds = time.perf_counter() - start
     log(
         f" exported {path} -> {out}: {model.num_layers} layers + {depths} MTP layer(s) as {layout.MODEL_TYPE}, "
@@ -196,8 +200,7 @@ def import_checkpoint(
         return layout.from_hf(rule, prefix, source.get, model.num_experts)
 
     start = time.perf_counter()
-    tmp = _temporary_beside(out)
-    try:
+    with _written_beside(out) as tmp:
         write_weights_only(cfg, tmp, tensor_for)
         unset = sorted(set(by_key) - used)
         if unset:
@@ -205,10 +208,6 @@ def import_checkpoint(
                 f"the run's model has no tensor {unset[0]} ({len(unset)} HF tensors unused); the import table "
                 "does not match this megatron-core's model"
             )
-        os.replace(tmp, out)  # complete: one atomic rename
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     seconds = time.perf_counter() - start
     log(
         f" imported {source.directory} -> {out}/{ckpt.checkpoint_name(0)}: {model.num_layers} layers + "
