@@ -124,8 +124,9 @@ def _loss_table(results):
 
 def _assert_same_as_reference(reference, results):
     ref_table, table = _loss_table(reference), _loss_table(results)
+    # lm loss, each depth's loss and acceptance, the chain accept length
     assert set(table) == set(ref_table) and len(table) == MICROBATCHES_PER_DP_RANK_AT_DP1 * (
-        1 + 2 * NUM_DEPTHS
+        2 + 2 * NUM_DEPTHS
     )
     for key, (value, count) in table.items():
         assert count == ref_table[key][1], key
