@@ -449,7 +449,7 @@ def atomic_save(
         # non-empty directory, so a stale tmp of this iteration would also fail this save.
         for stale in save_dir.glob("iter_*.tmp"):
             shutil.rmtree(stale)
-    needed = _agreed_sum(estimated_bytes)
+    needed = int(_agreed_sum(estimated_bytes))
     if rank == 0:
         previous = latest_checkpoint_or_none(save_dir)
         if previous is not None:
@@ -542,25 +542,20 @@ def previous_note(save_dir: str | os.PathLike) -> str:
     return f"{Path(save_dir) / LATEST} still names {previous.name} (rerun to resume from it)"
 
 
-def _agreed_sum(value: int) -> int:
-    total = torch.tensor([value], dtype=torch.float64)
-    if torch.distributed.get_world_size() > 1:
-        total = _all_reduce_cpu_or_device(total)
-    return int(total.item())
-
-
-def _all_reduce_cpu_or_device(t: torch.Tensor) -> torch.Tensor:
-    # NCCL has no CPU backend: reduce on the run's device.
-    if torch.cuda.is_available():
-        t = t.cuda()
-    torch.distributed.all_reduce(t)
-    return t.cpu()
+def _agreed_sum(value: float) -> float:
+    """`value` summed over every rank (itself on one process)."""
+    if torch.distributed.get_world_size() == 1:
+        return value
+    # Made on the run's device: NCCL takes no CPU tensor (tests/device_checks.py guards it on CPU too).
+    device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(total)
+    return total.item()
 
 
 def _agreed_flag(flag: bool) -> bool:
-    if torch.distributed.get_world_size() == 1:
-        return flag
-    return bool(_all_reduce_cpu_or_device(torch.tensor([float(flag)])).item() > 0)
+    """Whether `flag` holds on any rank."""
+    return _agreed_sum(float(flag)) > 0
 
 
 def _raise_on_every_rank(problem: str, note: str, *, removed: bool = False) -> None:
