@@ -461,6 +461,8 @@ def quiet_megatron() -> None:
         ".*Transformer Engine.*",
         ".*TransformerEngine.*",
         ".*full scope is deprecated.*",
+        # megatron-core 0.19 warns on importing its multimodal configs, which dist_checkpointing pulls in at a save
+        ".*MimoModelConfig is experimental.*",
     ):
         warnings.filterwarnings("ignore", message=pattern)
 

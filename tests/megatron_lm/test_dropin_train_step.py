@@ -204,7 +204,11 @@ def _per_token_worker(plugin: bool, lam: float):
 
     from mtp_plugin.megatron import lm_patch
 
-    flags = [*_flags(4, 1, True, lam), "--calculate-per-token-loss"]
+    # Full-logits heads (--mtp-plugin-chunk-tokens 0), as native: this test is about the per-token
+    # normalisation. The chunked head rounds differently from native's full logits, and Adam's first steps
+    # amplify that on rarely seen embedding rows past 1e-5 of the max by iteration 3; the chunked path's own
+    # parity with native is tests/parity/test_megatron_parity.py.
+    flags = [*_flags(4, 1, True, lam), "--calculate-per-token-loss", "--mtp-plugin-chunk-tokens", "0"]
     args = init_megatron_lm(flags, extra_args_provider=lm_patch.add_mtp_args)
     groups = _microbatch_groups()
     get_batch = get_batch_from([mb for group in groups for mb in group])
