@@ -400,6 +400,7 @@ def _bad(proc: subprocess.CompletedProcess, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
+@pytest.mark.mcore_agnostic  # refused from the run's recorded config, before a tensor is read
 def test_a_checkpoint_of_a_model_no_layout_expresses_is_refused_naming_the_field(tmp_path):
     """The toy/small shape (grouped-query attention, softmax routing), trained one iteration by the app."""
     train, valid = write_tiny_corpus(tmp_path / "corpus")
