@@ -420,6 +420,28 @@ def build_tiny_plugin_gpt(
     )
 
 
+def ddp_and_adam(model, *, lr: float = 1e-2):
+    """`model` in Megatron's DDP (fp32 grad buffers, no distributed optimizer) and Megatron's Adam over it
+    (no clipping), with the config hooks Megatron's schedules call: (ddp, optimizer)."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    config = model.config
+    ddp = DistributedDataParallel(
+        config,
+        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
+        module=model,
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = None
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=lr, clip_grad=0.0), [ddp])
+    return ddp, optimizer
+
+
 def plugin_forward_backward(
     model, microbatches, *, lam: float, metrics=None, per_token_loss: bool = False, **step_kwargs: Any
 ):

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtp_plugin.config import ExperimentConfig
+from mtp_plugin.train.held_signal import HeldSigterm
 
 # Shipped inside the package (wheels too); the top-level hydra_configs/ of a checkout links here.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "hydra_configs"
@@ -674,14 +675,15 @@ def _remove_if_unused(run_dir: Path) -> None:
 TORCHRUN_REFUSAL_WAIT_S = 20.0
 
 
-def report_refusal(err: ConfigError) -> None:
+def report_refusal(err: ConfigError, held: HeldSigterm | None = None) -> None:
     """Print a launch refusal's one line, once per job.
 
     Under torchrun every rank validates the same configuration and would print the same line, and
     torchrun would add each rank's exit code and signal. Rank 0 prints the line; every rank also writes
     it to torchrun's error file (TORCHELASTIC_ERROR_FILE, the elastic agent's channel for a worker's
     error), so that the last line of torchrun's closing summary is this line, not a pointer to its docs.
-    The other ranks wait to be stopped by torchrun after rank 0 has failed, and then exit 2 as well.
+    The other ranks wait to be stopped by torchrun after rank 0 has failed, and then exit 2 as well; one
+    stopped before it got here (`held`: the SIGTERM it held during its checks) exits 2 at once.
     """
     rank = int(os.environ.get("RANK", "0"))
 
@@ -698,16 +700,21 @@ def report_refusal(err: ConfigError) -> None:
             raise SystemExit(2)
 
         signal.signal(signal.SIGTERM, stopped)
+        if held is not None and held.arrived:
+            stopped(signal.SIGTERM, None)
         time.sleep(TORCHRUN_REFUSAL_WAIT_S)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not stopped: rank 0 was not refused; say it here
     write_error_file()
     print(err.message, file=sys.stderr, flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, held: HeldSigterm | None = None) -> None:
+    """The app. `held`: a SIGTERM held since the process started (`python -m mtp_plugin.train`), released
+    once the launch checks pass; without it, one is held from here."""
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
+    held = HeldSigterm.on_other_torchrun_ranks() if held is None else held
     argv = sys.argv[1:] if argv is None else argv
     register_configs()
     try:
@@ -716,8 +723,9 @@ def main(argv: list[str] | None = None) -> None:
             print(summary, flush=True)
         validated, new_dirs = preflight(argv)
     except ConfigError as err:
-        report_refusal(err)
+        report_refusal(err, held)
         raise
+    held.release()
 
     @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=CONFIG_NAME)
     def _app(cfg: DictConfig) -> dict[str, float]:

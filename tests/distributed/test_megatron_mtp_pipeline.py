@@ -36,15 +36,10 @@ def _init_by_global_name(model, to_global):
 
 def _pipeline_worker(num_experts, layout, tied, optimizer_steps, dispatcher="alltoall"):
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron_cpu import (
         TinyGPT,
         build_tiny_plugin_gpt,
+        ddp_and_adam,
         make_microbatches,
         plugin_forward_backward,
         to_global_names,
@@ -63,20 +58,12 @@ def _pipeline_worker(num_experts, layout, tied, optimizer_steps, dispatcher="all
         moe_token_dispatcher_type=dispatcher,
     )
     model = build_tiny_plugin_gpt(shape)
-    config = model.config
     stage = ("E" if model.pre_process else "") + ("L" if model.post_process else "")
     emb_at_build = (
         model.embedding.word_embeddings.weight.detach().clone() if hasattr(model, "embedding") else None
     )
     names = _init_by_global_name(model, to_global_names)
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
-        module=model,
-    )
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = None
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.0), [ddp])
+    ddp, optimizer = ddp_and_adam(model)
 
     num_mb = MICROBATCHES_PER_DP_RANK_AT_DP1 // dp
     all_batches = make_microbatches(shape, MICROBATCHES_PER_DP_RANK_AT_DP1, MICRO_BATCH, seed=11, mask_tail=1)

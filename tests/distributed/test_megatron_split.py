@@ -27,14 +27,8 @@ MICRO_BATCH = 2
 
 def _run_case(case: dict, optimizer_steps: int) -> dict:
     from megatron.core import parallel_state as ps
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron_cpu import TinyGPT, build_tiny_plugin_gpt, make_microbatches, to_global_names
+    from megatron_cpu import TinyGPT, build_tiny_plugin_gpt, ddp_and_adam, make_microbatches, to_global_names
 
     from mtp_plugin.megatron import MTPMetrics, mtp_forward_step
 
@@ -48,15 +42,7 @@ def _run_case(case: dict, optimizer_steps: int) -> dict:
     )
     model = build_tiny_plugin_gpt(shape)
     names = _init_by_global_name(model, to_global_names)
-    config = model.config
-    ddp = DistributedDataParallel(
-        config,
-        DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=False),
-        module=model,
-    )
-    config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = None
-    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, clip_grad=0.0), [ddp])
+    ddp, optimizer = ddp_and_adam(model)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     num_mb = GLOBAL_MICROBATCHES // dp
     batches = make_microbatches(shape, GLOBAL_MICROBATCHES, MICRO_BATCH, seed=11, mask_tail=1)

@@ -11,12 +11,24 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
 import pytest
-from train_tiny import EOD, TINY_MODEL_OVERRIDES, VOCAB, run_app, tiny_model_config, write_tiny_corpus
+from train_tiny import (
+    EOD,
+    REPO,
+    TINY_MODEL_OVERRIDES,
+    VOCAB,
+    repo_env,
+    run_app,
+    tiny_model_config,
+    write_tiny_corpus,
+)
 
 from mtp_plugin.train import hydra_app
 
@@ -548,3 +560,50 @@ def test_a_refusal_under_torchrun_is_one_line_and_one_exit_code(tmp_path):
     assert lines[-2] == f"  traceback : {message}" and set(lines[-1]) == {"="}, proc.stderr[-3000:]
     assert "To enable traceback" not in proc.stderr and "Signal 15" not in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def _torchrun_rank_1_stopped_while_checking(
+    args: list[str], tmp_path
+) -> tuple[subprocess.CompletedProcess, float]:
+    """`python -m mtp_plugin.train ARGS` as torchrun's rank 1 that torchrun stops (SIGTERM) before its own
+    checks are done, as when rank 0 refused first: the signal arrives while the process still imports."""
+    env = {
+        "TORCHELASTIC_RUN_ID": "held",
+        "RANK": "1",
+        "TORCHELASTIC_ERROR_FILE": str(tmp_path / "error.json"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mtp_plugin.train", f"hydra.run.dir={tmp_path / 'run'}", *args],
+        cwd=REPO,
+        env=repo_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    start = time.monotonic()
+    time.sleep(0.5)  # the interpreter is up and holds SIGTERM; the app's imports take longer than this
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), time.monotonic() - start
+
+
+def test_a_rank_stopped_before_it_reached_the_refusal_exits_2_at_once(tmp_path):
+    """Before: such a rank died of the signal (-15 in torchrun's summary, beside rank 0's exit 2)."""
+    from mtp_plugin.train.hydra_app import TORCHRUN_REFUSAL_WAIT_S
+
+    proc, took = _torchrun_rank_1_stopped_while_checking(
+        ["training.train_iters=4", "training.lr_warmup_iters=10"], tmp_path
+    )
+    message = "error: training.lr_warmup_iters=10 must be below training.train_iters=4; shorten the warmup"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert took < TORCHRUN_REFUSAL_WAIT_S  # it did not wait to be stopped a second time
+    assert json.loads((tmp_path / "error.json").read_text())["message"] == message
+    assert message not in proc.stderr  # rank 0 prints it
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_rank_stopped_while_checking_an_accepted_launch_dies_of_the_signal(tmp_path):
+    """The held signal is delivered once the checks pass, with its default action: nothing is started."""
+    proc, _ = _torchrun_rank_1_stopped_while_checking(["experiment=toy_demo", "--cfg", "job"], tmp_path)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]
+    assert not (tmp_path / "error.json").exists()
