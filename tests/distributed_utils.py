@@ -9,8 +9,8 @@ keeps process-global singletons (MTP and MoE loggers, parallel state).
 
 `fn` must be importable by the children: a module-level function, or "module:function".
 
-The ranks are forked from a multiprocessing fork server that has imported torch and Megatron-Core once
-(per test process) and nothing else: each rank starts as a fresh process would after those imports (no
+On CPU the ranks are forked from a multiprocessing fork server that has imported torch and Megatron-Core
+once (per test process) and nothing else: each rank starts as a fresh process would after those imports (no
 process group, no parallel state, no seed), without paying ~5 s of imports per rank. A rank takes the
 launching process's environment and working directory, as a spawned one does.
 """
@@ -71,6 +71,10 @@ _PRELOAD = [
 
 @cache
 def _context() -> mp.context.BaseContext:
+    # With CUDA the ranks are spawned: importing Megatron may initialise the driver in the fork server,
+    # and a process forked after that cannot use CUDA.
+    if torch.cuda.is_available():
+        return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
     return ctx
