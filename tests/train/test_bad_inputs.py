@@ -562,6 +562,12 @@ def test_a_refusal_under_torchrun_is_one_line_and_one_exit_code(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def _catches_sigterm(pid: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = int(next(line for line in status.splitlines() if line.startswith("SigCgt:")).split()[1], 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
+
+
 def _torchrun_rank_1_stopped_while_checking(
     args: list[str], tmp_path
 ) -> tuple[subprocess.CompletedProcess, float]:
@@ -581,9 +587,17 @@ def _torchrun_rank_1_stopped_while_checking(
         text=True,
     )
     start = time.monotonic()
-    time.sleep(0.5)  # the interpreter is up and holds SIGTERM; the app's imports take longer than this
+    # Signalled as soon as the process holds SIGTERM (a caught signal in its /proc status), which must be
+    # before the app's imports: torch is not loaded yet.
+    while not _catches_sigterm(proc.pid) and proc.poll() is None and time.monotonic() - start < 60:
+        time.sleep(0.005)
+    try:
+        loaded = Path(f"/proc/{proc.pid}/maps").read_text()
+    except OSError:  # it ended without ever catching SIGTERM: the exit code says how
+        loaded = ""
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
+    assert "libtorch" not in loaded, "SIGTERM first caught after torch loaded: one during the imports kills"
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err), time.monotonic() - start
 
 
