@@ -24,7 +24,7 @@ $(STAMP): requirements/lock.txt requirements/dev.txt pyproject.toml
 # two cores: while one worker waits on a process start-up or an import, the other runs). One line per test
 # file as it finishes (tests/conftest.py). It changes nothing on the machine: the slurm tests skip (one line
 # saying why) unless `make slurm-deps` installed Slurm.
-# Measured on an idle 2-core machine (2026-12-07): two workers 8:37 wall, three 9:30 (the suite is CPU-bound:
+# Measured on an idle 2-core machine (2026-12-07): two workers 8:37 wall, three 9:54 (the suite is CPU-bound:
 # a third worker only adds switching). PYTEST_PAR= runs one process.
 PYTEST_PAR ?= -n 2 --dist loadfile
 
