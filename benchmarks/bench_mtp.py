@@ -349,6 +349,15 @@ def run_config(name: str, args, *, memory: bool = True, profile: bool = False) -
     return result
 
 
+# In-process rounds on an H100 (2026-12-07): each configuration left its whole resident memory allocated
+# (18.1 GiB after none-L5: weights, gradient buffers, Adam states). Megatron's DDP registers its gradient hooks
+# on autograd's AccumulateGrad nodes and keeps those nodes; the cycle runs through autograd's C++ graph, which
+# Python's collector cannot see, so a wrapped model lives as long as the process. Measured on CPU too: the
+# DistributedDataParallel object and all its parameters survive `gc.collect()` (megatron-core 0.19.2, a tiny
+# none-L3). --isolated avoids it.
+LEFT_OVER_GIB = 0.5
+
+
 def _release_memory() -> float:
     """Free what the last configuration left (in-process rounds); GiB still allocated afterwards."""
     gc.collect()
@@ -570,6 +579,13 @@ def run_rounds(names: list[str], args, start: float) -> dict[str, list[dict]]:
                 except torch.OutOfMemoryError:
                     r = {"name": name, "error": "out of memory"}
                 r["left_allocated_gib"] = _release_memory()
+                if r["left_allocated_gib"] > LEFT_OVER_GIB:
+                    print(
+                        f"warning: {name} left {r['left_allocated_gib']:.1f} GiB allocated after it was freed; the "
+                        "peaks and times of the configurations after it in this process are not comparable; use "
+                        "--isolated",
+                        flush=True,
+                    )
             r["round"] = rnd
             per_config[name].append(r)
             # What has run so far survives a kill at the device call's time limit.
@@ -884,7 +900,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--isolated",
         action="store_true",
-        help="each configuration-round in a fresh process (default: this process, a warm-up per round)",
+        help="each configuration-round in a fresh process (default: this process, a warm-up per round; on "
+        "CUDA a configuration's memory is not freed in-process: LEFT_OVER_GIB)",
     )
     p.add_argument("--breakdown", action="store_true", help="time one depth's parts, native vs fused (CUDA)")
     p.add_argument("--breakdown-reps", type=int, default=10)

@@ -4,7 +4,8 @@
 # and on DESIGN.md's benchmark shape (native and plugin at D = 1, 2, 3 in the same process and rounds), one
 # depth's parts, and the ρ meter on vs off. Run from the repository root with megatron-core importable;
 # results in $OUT (each bench also leaves a .partial.json after every configuration-round). The knobs below
-# trim it to the device time at hand (CONFIGS_BENCH=- skips the benchmark shape).
+# trim it to the device time at hand (CONFIGS_BENCH=- skips the benchmark shape). Rounds run --isolated: in
+# one process a configuration's memory outlives it (bench_mtp.py, LEFT_OVER_GIB).
 set -uo pipefail
 OUT=${OUT:-/tmp/issue24}
 mkdir -p "$OUT"
@@ -16,12 +17,12 @@ ROUNDS=(--rounds 3 --warmup 2 --steps 5)
 timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_fused_cross_entropy.py \
     tests/gpu/test_gpu_megatron.py -k "per_token or bf16 or chunked_loss" 2>&1 | tail -6 | tee "$OUT/gpu_tests.txt"
 
-python3 benchmarks/bench_mtp.py --shape gpu-bound --configs "$CONFIGS_GB" "${ROUNDS[@]}" --budget-s "${BUDGET_GB:-165}" \
+python3 benchmarks/bench_mtp.py --shape gpu-bound --isolated --configs "$CONFIGS_GB" "${ROUNDS[@]}" --budget-s "${BUDGET_GB:-165}" \
     ${BREAKDOWN_GB:+--breakdown --breakdown-reps 6} --out "$OUT/bench_mtp_gpu_bound.json" \
     --table "$OUT/bench_mtp_gpu_bound.md" 2>&1 | grep -v Warning
 
 if [ "$CONFIGS_BENCH" != - ]; then
-    python3 benchmarks/bench_mtp.py --shape bench --configs "$CONFIGS_BENCH" "${ROUNDS[@]}" \
+    python3 benchmarks/bench_mtp.py --shape bench --isolated --configs "$CONFIGS_BENCH" "${ROUNDS[@]}" \
         --budget-s "${BUDGET_BENCH:-165}" --breakdown --breakdown-reps 6 --out "$OUT/bench_mtp_bench.json" \
         --table "$OUT/bench_mtp_bench.md" 2>&1 | grep -v Warning
 fi
