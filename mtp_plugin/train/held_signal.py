@@ -14,6 +14,11 @@ import os
 import signal
 
 
+def is_other_torchrun_rank() -> bool:
+    """A torchrun worker other than rank 0 (the ranks that leave a launch refusal's line to rank 0)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("RANK", "0")) != 0
+
+
 class HeldSigterm:
     def __init__(self) -> None:
         self.active = False
@@ -23,7 +28,7 @@ class HeldSigterm:
     def on_other_torchrun_ranks(cls) -> HeldSigterm:
         """Hold SIGTERM from now on in a torchrun rank other than 0; elsewhere nothing is held."""
         held = cls()
-        if "TORCHELASTIC_RUN_ID" in os.environ and int(os.environ.get("RANK", "0")) != 0:
+        if is_other_torchrun_rank():
             signal.signal(signal.SIGTERM, held._hold)
             held.active = True
         return held

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mtp_plugin.config import ExperimentConfig
-from mtp_plugin.train.held_signal import HeldSigterm
+from mtp_plugin.train.held_signal import HeldSigterm, is_other_torchrun_rank
 
 # Shipped inside the package (wheels too); the top-level hydra_configs/ of a checkout links here.
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "hydra_configs"
@@ -685,14 +685,13 @@ def report_refusal(err: ConfigError, held: HeldSigterm | None = None) -> None:
     The other ranks wait to be stopped by torchrun after rank 0 has failed, and then exit 2 as well; one
     stopped before it got here (`held`: the SIGTERM it held during its checks) exits 2 at once.
     """
-    rank = int(os.environ.get("RANK", "0"))
 
     def write_error_file() -> None:
         error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
         if error_file:
             Path(error_file).write_text(json.dumps({"message": err.message, "timestamp": int(time.time())}))
 
-    if "TORCHELASTIC_RUN_ID" in os.environ and rank != 0:
+    if is_other_torchrun_rank():
         import signal
 
         def stopped(signum, frame):
